@@ -82,9 +82,11 @@ class QuantizedArray:
 
     def __repr__(self) -> str:
         nested = f", nested_blocksize={self.nested_blocksize}" if self.double_quant else ""
+        arrays = all(hasattr(leaf, "dtype") and hasattr(leaf, "size") for leaf in jax.tree_util.tree_leaves(self))
+        bits = f", bits_per_weight={self.bits_per_weight:.3f}" if arrays else ""  # leaves may be mapped objects
         return (
             f"QuantizedArray(shape={self.shape}, dtype={self.dtype}, quant_type={self.quant_type!r}, "
-            f"blocksize={self.blocksize}{nested}, bits_per_weight={self.bits_per_weight:.3f})"
+            f"blocksize={self.blocksize}{nested}{bits})"
         )
 
 

@@ -1,0 +1,132 @@
+"""``QLoRADense``: a frozen (4-bit or float) linear base plus a trainable LoRA adapter.
+
+    y = x @ W.T [+ bias] + s * dropout(x) @ A @ B,     s = alpha / r  (alpha / sqrt(r) with rsLoRA)
+
+Shapes: ``x`` is ``(..., in)``; the base ``W`` is ``(out, in)`` (PyTorch /
+bitsandbytes layout, so a quantized ``W`` is byte-compatible with bnb); ``A`` is
+``(in, r)`` and ``B`` is ``(r, out)`` (PEFT's ``lora_A.weight`` / ``lora_B.weight``
+transposed).
+
+Trainability is structural: ``W`` (a ``QuantizedArray`` or a float array) and the
+bias live in the ``"frozen"`` collection, so the ``"params"`` collection holds
+LoRA's ``A`` and ``B`` alone and ``jax.grad`` over ``params`` is all a trainer
+needs. The quantized base matmul goes through ``qlora_jax.kernels``, whose
+custom VJP saves only the packed weight and returns a gradient for ``x`` only.
+
+Init follows PEFT: ``A ~ U(-1/sqrt(in), 1/sqrt(in))`` (kaiming-uniform with
+a = sqrt(5)), ``B = 0``, so a fresh adapter leaves the output unchanged. A fresh
+base (no loaded weights) is initialised like ``torch.nn.Linear`` and quantized.
+
+Three dtypes: ``dtype`` for compute (bf16), ``param_dtype`` for LoRA (fp32), and
+the fixed storage of the base (uint8 codes, or ``base_dtype`` when unquantized).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qlora_jax.kernels import quantized_matmul
+from qlora_jax.quant import QuantizedArray, quantize
+from qlora_jax.quant.api import check_blocksize
+from qlora_jax.quant.codebooks import check_quant_type
+
+FROZEN = "frozen"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """How a base weight is stored: ``None`` in place of this means float storage."""
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+
+    def __post_init__(self):
+        check_quant_type(self.quant_type)
+        check_blocksize(self.blocksize)
+
+
+def torch_linear_init(key: jax.Array, shape: tuple[int, int], dtype=jnp.float32) -> jax.Array:
+    """``U(-1/sqrt(in), 1/sqrt(in))`` for an ``(out, in)`` weight, as ``torch.nn.Linear``."""
+    bound = 1.0 / math.sqrt(shape[1])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class QLoRADense(nn.Module):
+    """Frozen base linear (``(out, in)``, quantized or float) + LoRA; see the module docstring."""
+
+    features: int
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    use_bias: bool = False
+    quant: QuantConfig | None = QuantConfig()
+    dtype: jnp.dtype = jnp.bfloat16
+    param_dtype: jnp.dtype = jnp.float32
+    base_dtype: jnp.dtype = jnp.bfloat16
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.features <= 0:
+            raise ValueError(f"features={self.features} must be positive")
+        if self.rank < 0:
+            raise ValueError(f"rank={self.rank} must be >= 0 (0 disables LoRA)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        super().__post_init__()
+
+    @property
+    def scaling(self) -> float:
+        """LoRA's output scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+        if self.rank == 0:
+            return 0.0
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        in_features = x.shape[-1]
+        shape = (self.features, in_features)
+        kernel = self.variable(FROZEN, "kernel", self._init_base, shape).value
+        x = x.astype(self.dtype)
+        if isinstance(kernel, QuantizedArray):
+            if kernel.shape != shape:
+                raise ValueError(f"{self.name}: quantized kernel has shape {kernel.shape}, expected (out, in)={shape}")
+            y = quantized_matmul(x, kernel, self.backend)
+        else:
+            if kernel.shape != shape:
+                raise ValueError(f"{self.name}: kernel has shape {kernel.shape}, expected (out, in)={shape}")
+            w = jax.lax.stop_gradient(kernel).astype(self.dtype)
+            y = jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32).astype(self.dtype)
+        if self.use_bias:
+            bias = self.variable(FROZEN, "bias", lambda: jnp.zeros((self.features,), self.base_dtype)).value
+            y = y + jax.lax.stop_gradient(bias).astype(self.dtype)
+        if self.rank == 0:
+            return y
+        bound = 1.0 / math.sqrt(in_features)
+        a = self.param("lora_a", _symmetric_uniform(bound), (in_features, self.rank), self.param_dtype)
+        b = self.param("lora_b", nn.initializers.zeros, (self.rank, self.features), self.param_dtype)
+        h = nn.Dropout(rate=self.dropout)(x, deterministic=deterministic)
+        delta = (h @ a.astype(self.dtype)) @ b.astype(self.dtype)
+        return y + (self.scaling * delta).astype(self.dtype)
+
+    def _init_base(self, shape):
+        w = torch_linear_init(self.make_rng("params"), shape)
+        if self.quant is None:
+            return w.astype(self.base_dtype)
+        q = self.quant
+        return quantize(w.astype(self.base_dtype), q.quant_type, q.blocksize, double_quant=q.double_quant)
+
+
+def _symmetric_uniform(bound: float):
+    """Initializer drawing ``U(-bound, bound)``."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
