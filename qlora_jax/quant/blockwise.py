@@ -7,12 +7,13 @@ row-major order and cut into ``nb = ceil(n / B)`` blocks of ``B`` elements
     absmax[b] = max_i |w_i|                              (float32)
     s_i       = clip(w_i * (1 / absmax[b]), -1, 1)      (full blocks)
     s_i       = clip(w_i / absmax[b], -1, 1)            (the short last block)
-    q_i       = nearest code index to s_i                (ties to the lower code)
+    q_i       = nearest code index to s_i
 
-where an all-zero block stores the code of 0.0 (NF4 index 7, bitsandbytes' CPU path; its CUDA path
-writes 0, which dequantizes to the same zeros). Codes are packed two per byte,
-element ``2j`` in the high nibble and ``2j + 1`` in the low one; an odd count is
-padded with the code of 0.0. Dequantization is ``code[q_i] * absmax[b]`` in
+where an all-zero block stores the code of 0.0 (NF4 index 7, bitsandbytes' CPU
+path; its CUDA path writes 0, which dequantizes to the same zeros). For "nf4" and
+"fp4", ties go to the lower code; "int4" rounds ``7 * s`` half to even. Codes
+are packed two per byte, element ``2j`` in the high nibble and ``2j + 1`` in the
+low one; an odd count is padded with the code of 0.0. Dequantization is ``code[q_i] * absmax[b]`` in
 float32, then one rounding to the output dtype.
 
 Shapes: ``packed`` is ``(ceil(n / 2),)`` uint8, ``absmax`` is ``(nb,)`` float32.
@@ -25,6 +26,7 @@ import numpy as np
 
 from qlora_jax.quant._fp import true_divide
 from qlora_jax.quant.codebooks import code_table, sorted_bounds
+
 
 def num_blocks(n: int, blocksize: int) -> int:
     """Number of scale blocks for ``n`` elements: ``ceil(n / blocksize)``."""
