@@ -93,14 +93,12 @@ class QLoRADense(nn.Module):
         in_features = x.shape[-1]
         shape = (self.features, in_features)
         kernel = self.variable(FROZEN, "kernel", self._init_base, shape).value
+        if tuple(kernel.shape) != shape:
+            raise ValueError(f"{self.name}: kernel has shape {tuple(kernel.shape)}, expected (out, in)={shape}")
         x = x.astype(self.dtype)
         if isinstance(kernel, QuantizedArray):
-            if kernel.shape != shape:
-                raise ValueError(f"{self.name}: quantized kernel has shape {kernel.shape}, expected (out, in)={shape}")
             y = quantized_matmul(x, kernel, self.backend)
         else:
-            if kernel.shape != shape:
-                raise ValueError(f"{self.name}: kernel has shape {kernel.shape}, expected (out, in)={shape}")
             w = jax.lax.stop_gradient(kernel).astype(self.dtype)
             y = jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32).astype(self.dtype)
         if self.use_bias:
