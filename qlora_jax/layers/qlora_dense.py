@@ -53,8 +53,7 @@ class QuantConfig:
 
 def torch_linear_init(key: jax.Array, shape: tuple[int, int], dtype=jnp.float32) -> jax.Array:
     """``U(-1/sqrt(in), 1/sqrt(in))`` for an ``(out, in)`` weight, as ``torch.nn.Linear``."""
-    bound = 1.0 / math.sqrt(shape[1])
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return _symmetric_uniform(1.0 / math.sqrt(shape[1]))(key, shape, dtype)
 
 
 class QLoRADense(nn.Module):

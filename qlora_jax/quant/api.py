@@ -38,8 +38,6 @@ def check_weights(w) -> None:
     The non-finite scan needs values, so it is skipped for tracers (inside jit).
     """
     dtype = jnp.dtype(w.dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"cannot quantize dtype {dtype}: weights must be one of {SUPPORTED_DTYPES}")
     if dtype.name not in SUPPORTED_DTYPES:
         raise ValueError(f"cannot quantize dtype {dtype}: supported float dtypes are {SUPPORTED_DTYPES}")
     if w.size == 0:

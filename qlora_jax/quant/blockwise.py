@@ -41,24 +41,32 @@ def to_blocks(x: jnp.ndarray, blocksize: int) -> jnp.ndarray:
     return jnp.pad(flat, (0, pad)).reshape(-1, blocksize)
 
 
-def normalize_blocks(blocks: jnp.ndarray, n: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+def normalize_blocks(blocks: jnp.ndarray, n: int, divide_short_block: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Per-block absmax and values scaled into [-1, 1], with bnb's exact arithmetic.
 
-    Full blocks multiply by the float32 reciprocal of the absmax; a short last
-    block divides by it (bitsandbytes does the two differently, and the last bit
-    of ``s`` decides ties). An all-zero block scales to zeros: bnb clamps its
-    absmax to 1e-38, a subnormal that XLA flushes to zero, so it is special-cased.
-    Zero padding never changes an absmax.
+    Blocks multiply by the float32 reciprocal of their absmax. With
+    ``divide_short_block`` a short last block divides by it instead (bnb's 4-bit
+    path does the two differently, and the last bit of ``s`` decides ties; its
+    8-bit path multiplies everywhere). An all-zero block scales to zeros: bnb
+    clamps its absmax to 1e-38, a subnormal that XLA flushes to zero, so it is
+    special-cased. Zero padding never changes an absmax.
     """
     blocksize = blocks.shape[1]
     absmax = jnp.max(jnp.abs(blocks), axis=1)
     nonzero = absmax > 0
     safe = jnp.where(nonzero, absmax, np.float32(1.0))
     scaled = blocks * (np.float32(1.0) / safe)[:, None]
-    if n % blocksize:
+    if divide_short_block and n % blocksize:
         scaled = scaled.at[-1].set(true_divide(blocks[-1], safe[-1]))
     scaled = jnp.where(nonzero[:, None], scaled, np.float32(0.0))
     return absmax, jnp.clip(scaled, -1.0, 1.0)
+
+
+def scale_blocks(values: jnp.ndarray, absmax: jnp.ndarray, blocksize: int, n: int) -> jnp.ndarray:
+    """``values[i] * absmax[i // blocksize]`` in float32 for the first ``n`` values, shape ``(n,)``."""
+    nb = absmax.shape[0]
+    values = jnp.pad(values[:n], (0, nb * blocksize - n)).reshape(nb, blocksize)
+    return (values * absmax[:, None]).reshape(-1)[:n]
 
 
 def nearest_code_4bit(scaled: jnp.ndarray, quant_type: str) -> jnp.ndarray:
@@ -94,7 +102,7 @@ def unpack_nibbles(packed: jnp.ndarray) -> jnp.ndarray:
 def quantize_4bit(x: jnp.ndarray, quant_type: str, blocksize: int) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Quantizes ``x`` (any shape, float) to ``(packed uint8 (ceil(n/2),), absmax f32 (nb,))``."""
     n = x.size
-    absmax, scaled = normalize_blocks(to_blocks(x, blocksize), n)
+    absmax, scaled = normalize_blocks(to_blocks(x, blocksize), n, divide_short_block=True)
     codes = nearest_code_4bit(scaled, quant_type).reshape(-1)
     codes = codes[: n + (n % 2)]  # keep one padding code when n is odd, as bnb
     return pack_nibbles(codes), absmax
@@ -106,6 +114,4 @@ def dequantize_4bit(
     """Inverse of ``quantize_4bit``: float32 ``(n,)`` values ``code[q] * absmax``."""
     codes = unpack_nibbles(packed)
     values = jnp.asarray(code_table(quant_type))[codes.astype(jnp.int32)]
-    nb = absmax.shape[0]
-    values = jnp.pad(values, (0, nb * blocksize - values.shape[0]))
-    return (values.reshape(nb, blocksize) * absmax[:, None]).reshape(-1)[:n]
+    return scale_blocks(values, absmax, blocksize, n)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax.quant._fp import rounded
-from qlora_jax.quant.blockwise import num_blocks, to_blocks
+from qlora_jax.quant.blockwise import normalize_blocks, scale_blocks, to_blocks
 
 _GRID = 65536
 
@@ -63,19 +63,12 @@ def nearest_code_8bit(s: jnp.ndarray, code: np.ndarray) -> jnp.ndarray:
 def quantize_8bit(x: jnp.ndarray, code: np.ndarray, blocksize: int) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Quantizes ``x`` (any shape) to ``(codes uint8 (n,), absmax f32 (nb,))``."""
     n = x.size
-    blocks = to_blocks(x, blocksize)
-    absmax = jnp.max(jnp.abs(blocks), axis=1)
-    safe = jnp.where(absmax > 0, absmax, np.float32(1.0))
-    s = blocks * (np.float32(1.0) / safe)[:, None]
+    absmax, s = normalize_blocks(to_blocks(x, blocksize), n, divide_short_block=False)
     q = jnp.where(absmax[:, None] > 0, nearest_code_8bit(s, code), jnp.uint8(0))
-    q = q.reshape(-1)[:n]
-    return q, absmax
+    return q.reshape(-1)[:n], absmax
 
 
 def dequantize_8bit(q: jnp.ndarray, absmax: jnp.ndarray, code: np.ndarray, blocksize: int) -> jnp.ndarray:
     """Inverse of ``quantize_8bit``: float32 ``(n,)`` values ``code[q] * absmax[block]``."""
-    n = q.shape[0]
-    nb = num_blocks(n, blocksize)
     values = jnp.asarray(code, jnp.float32)[q.astype(jnp.int32)]
-    values = jnp.pad(values, (0, nb * blocksize - n)).reshape(nb, blocksize)
-    return (values * absmax[:, None]).reshape(-1)[:n]
+    return scale_blocks(values, absmax, blocksize, q.shape[0])

@@ -84,15 +84,15 @@ def from_bnb_state_dict(state: Mapping[str, object], prefix: str | None = None) 
     state_keys = [f"{prefix}.{_STATE_KEY}{t}" for t in _BNB_TYPES if f"{prefix}.{_STATE_KEY}{t}" in state]
     if len(state_keys) != 1:
         raise ValueError(f"no bnb quant state for {prefix!r}: expected key {prefix}.{_STATE_KEY}nf4 or ...fp4")
-    meta = json.loads(bytes(_numpy(state[state_keys[0]], state_keys[0]).astype(np.uint8)).decode("utf-8"))
+    meta = json.loads(bytes(_numpy(state[state_keys[0]]).astype(np.uint8)).decode("utf-8"))
     quant_type, blocksize = meta["quant_type"], int(meta["blocksize"])
     if quant_type not in _BNB_TYPES:
         raise ValueError(f"{state_keys[0]}: unknown quant_type {quant_type!r}")
     shape = tuple(int(d) for d in meta["shape"])
     n = int(np.prod(shape))
     nb = num_blocks(n, blocksize)
-    codes = _get(state, prefix, "", np.uint8).reshape(-1)
-    absmax = _get(state, f"{prefix}.absmax", "")
+    codes = _get(state, prefix, np.uint8).reshape(-1)
+    absmax = _get(state, f"{prefix}.absmax")
     _expect(codes.shape[0] == (n + 1) // 2, f"{prefix}: {codes.shape[0]} code bytes, shape {shape} needs {(n + 1) // 2}")
     _expect(absmax.shape == (nb,), f"{prefix}.absmax has shape {absmax.shape}, blocksize {blocksize} needs ({nb},)")
     _check_table(state, f"{prefix}.quant_map", code_table(quant_type))
@@ -100,7 +100,7 @@ def from_bnb_state_dict(state: Mapping[str, object], prefix: str | None = None) 
     if "nested_offset" in meta:
         nested_blocksize = int(meta["nested_blocksize"])
         _expect(absmax.dtype == np.uint8, f"{prefix}.absmax must be uint8 when nested, got {absmax.dtype}")
-        nested_scale = _get(state, f"{prefix}.nested_absmax", "", np.float32)
+        nested_scale = _get(state, f"{prefix}.nested_absmax", np.float32)
         nb2 = num_blocks(nb, nested_blocksize)
         _expect(nested_scale.shape == (nb2,), f"{prefix}.nested_absmax has shape {nested_scale.shape}, needs ({nb2},)")
         _check_table(state, f"{prefix}.nested_quant_map", dynamic_map(signed=True))
@@ -121,23 +121,23 @@ def from_bnb_state_dict(state: Mapping[str, object], prefix: str | None = None) 
     )
 
 
-def _numpy(value, key: str) -> np.ndarray:
+def _numpy(value) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor; bf16 has no numpy view, but bnb never stores it
         value = value.detach().cpu().numpy()
     return np.asarray(value)
 
 
-def _get(state: Mapping[str, object], key: str, suffix: str, dtype=None) -> np.ndarray:
-    if key + suffix not in state:
-        raise ValueError(f"bnb state dict is missing key {key + suffix!r}")
-    arr = _numpy(state[key + suffix], key + suffix)
+def _get(state: Mapping[str, object], key: str, dtype=None) -> np.ndarray:
+    if key not in state:
+        raise ValueError(f"bnb state dict is missing key {key!r}")
+    arr = _numpy(state[key])
     if dtype is not None and arr.dtype != dtype:
-        raise ValueError(f"{key + suffix} has dtype {arr.dtype}, expected {np.dtype(dtype)}")
+        raise ValueError(f"{key} has dtype {arr.dtype}, expected {np.dtype(dtype)}")
     return arr
 
 
 def _check_table(state: Mapping[str, object], key: str, expected: np.ndarray) -> None:
-    table = _get(state, key, "", np.float32).reshape(-1)
+    table = _get(state, key, np.float32).reshape(-1)
     if table.shape != expected.shape or not np.array_equal(table.view(np.uint32), expected.view(np.uint32)):
         raise ValueError(f"{key} is not the standard bitsandbytes table; custom code maps are not supported")
 
