@@ -1,5 +1,19 @@
-"""Llama-family model configuration (the decoder and loaders follow)."""
+"""Llama-family models: config, decoder, weight loading, generation."""
 
 from qlora_jax.models.config import LlamaConfig, RopeScaling, config_from_gguf, from_gguf_metadata, from_hf_config
+from qlora_jax.models.generate import generate
+from qlora_jax.models.llama import LlamaForCausalLM, LoraConfig, init_cache
+from qlora_jax.models.weights import variables_from_tensors
 
-__all__ = ["LlamaConfig", "RopeScaling", "config_from_gguf", "from_gguf_metadata", "from_hf_config"]
+__all__ = [
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "LoraConfig",
+    "RopeScaling",
+    "config_from_gguf",
+    "from_gguf_metadata",
+    "from_hf_config",
+    "generate",
+    "init_cache",
+    "variables_from_tensors",
+]

@@ -93,6 +93,9 @@ def from_hf_config(source: str | os.PathLike | Mapping[str, Any]) -> LlamaConfig
         if key not in cfg:
             raise ValueError(f"config.json is missing the field {key!r}")
     heads = cfg["num_attention_heads"]
+    # transformers >= 5 keeps RoPE settings in `rope_parameters` (theta included); older files at the top level
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    rope_theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
     head_dim = cfg.get("head_dim") or _divide("hidden_size", cfg["hidden_size"], "num_attention_heads", heads)
     return LlamaConfig(
         vocab_size=cfg["vocab_size"],
@@ -104,8 +107,8 @@ def from_hf_config(source: str | os.PathLike | Mapping[str, Any]) -> LlamaConfig
         head_dim=head_dim,
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6 if model_type == "qwen2" else 1e-5),
-        rope_theta=cfg.get("rope_theta", 10000.0),
-        rope_scaling=_rope_scaling(cfg.get("rope_scaling")),
+        rope_theta=float(rope_theta),
+        rope_scaling=_rope_scaling(rope),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
         sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", model_type == "mistral") else None,

@@ -1,0 +1,208 @@
+"""A Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2, SmolLM2) with QLoRA projections.
+
+    h_0 = embed(tokens)
+    h   = h + o_proj(attn(rope(q_proj(n1(h))), rope(k_proj(n1(h))), v_proj(n1(h))))   (per layer)
+    h   = h + down_proj(silu(gate_proj(n2(h))) * up_proj(n2(h)))
+    logits = lm_head(norm(h))      (lm_head = embed.T when embeddings are tied)
+
+Shapes: tokens ``(B, T)`` int; logits ``(B, T, vocab)`` float32. Attention is
+grouped-query (``H`` query heads share ``KV`` key/value heads), causal, and with
+``segment_ids`` a token attends only within its own segment (packed sequences).
+RMSNorm math is float32. Every projection is a ``QLoRADense``; embeddings, norms
+and the head live in the ``"frozen"`` collection, unquantized.
+
+Variable names mirror Hugging Face's (``layers_3/self_attn/q_proj``), so loaders
+map ``model.layers.3.self_attn.q_proj.weight`` by rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qlora_jax.layers import FROZEN, QLoRADense, QuantConfig
+from qlora_jax.models.config import LlamaConfig
+from qlora_jax.models.rope import apply_rope, inv_frequencies
+
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Which projections get LoRA, and its hyper-parameters (QLoRA paper defaults: all seven)."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    targets: tuple[str, ...] = ALL_TARGETS
+
+    def __post_init__(self):
+        unknown = sorted(set(self.targets) - set(ALL_TARGETS))
+        if unknown:
+            raise ValueError(f"lora targets {unknown} are not projections; choose from {ALL_TARGETS}")
+        if self.rank < 0:
+            raise ValueError(f"lora rank={self.rank} must be >= 0")
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x^2) + eps) * weight`` in float32, returned in ``x.dtype``."""
+
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.variable(FROZEN, "weight", lambda: jnp.ones((x.shape[-1],), jnp.float32)).value
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * jax.lax.stop_gradient(weight).astype(jnp.float32)).astype(x.dtype)
+
+
+def _dense(features: int, name: str, lora: LoraConfig, quant: QuantConfig | None, dtype, bias: bool = False):
+    rank = lora.rank if name in lora.targets else 0
+    return QLoRADense(features=features, rank=rank, alpha=lora.alpha, dropout=lora.dropout,
+                      use_rslora=lora.use_rslora, use_bias=bias, quant=quant, dtype=dtype, name=name)
+
+
+def attention_mask(q_pos, k_pos, q_seg=None, k_seg=None, k_valid=None) -> jax.Array:
+    """``(B, 1, 1, T, S)`` boolean: causal by position, same segment, key slot filled."""
+    mask = k_pos[:, None, :] <= q_pos[:, :, None]
+    if q_seg is not None:
+        mask &= q_seg[:, :, None] == k_seg[:, None, :]
+    if k_valid is not None:
+        mask &= k_valid[:, None, :]
+    return mask[:, None, None]
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+    lora: LoraConfig
+    quant: QuantConfig | None
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, cache, deterministic):
+        c = self.config
+        b, t, _ = x.shape
+        q = _dense(c.num_attention_heads * c.head_dim, "q_proj", self.lora, self.quant, self.dtype, c.attention_bias)(x, deterministic)
+        k = _dense(c.num_key_value_heads * c.head_dim, "k_proj", self.lora, self.quant, self.dtype, c.attention_bias)(x, deterministic)
+        v = _dense(c.num_key_value_heads * c.head_dim, "v_proj", self.lora, self.quant, self.dtype, c.attention_bias)(x, deterministic)
+        inv_freq = inv_frequencies(c)
+        q = apply_rope(q.reshape(b, t, c.num_attention_heads, c.head_dim), positions, inv_freq)
+        k = apply_rope(k.reshape(b, t, c.num_key_value_heads, c.head_dim), positions, inv_freq)
+        v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
+        if cache is None:
+            keys, values, k_pos, k_seg, k_valid, new_cache = k, v, positions, segment_ids, None, None
+        else:
+            keys, values, k_pos, k_valid, new_cache = _update_cache(cache, k, v, positions)
+            k_seg = None
+        mask = attention_mask(positions, k_pos, segment_ids, k_seg, k_valid)
+        qg = q.reshape(b, t, c.num_key_value_heads, c.num_groups, c.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys, preferred_element_type=jnp.float32)
+        scores = scores / jnp.sqrt(jnp.float32(c.head_dim))
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(self.dtype)).reshape(b, t, -1)
+        out = _dense(c.hidden_size, "o_proj", self.lora, self.quant, self.dtype)(out, deterministic)
+        return out, new_cache
+
+
+def _update_cache(cache, k, v, positions):
+    """Writes ``k, v`` at ``cache["index"]`` and returns the full cache for attention."""
+    index = cache["index"]
+    keys = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=1)
+    values = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=1)
+    length = keys.shape[1]
+    slots = jnp.arange(length)[None, :]
+    k_pos = jnp.broadcast_to(slots, (k.shape[0], length))
+    k_valid = k_pos < index + k.shape[1]
+    return keys, values, k_pos, k_valid, {"k": keys, "v": values, "index": index + k.shape[1]}
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    config: LlamaConfig
+    lora: LoraConfig
+    quant: QuantConfig | None
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, deterministic):
+        c = self.config
+        gate = _dense(c.intermediate_size, "gate_proj", self.lora, self.quant, self.dtype)(x, deterministic)
+        up = _dense(c.intermediate_size, "up_proj", self.lora, self.quant, self.dtype)(x, deterministic)
+        return _dense(c.hidden_size, "down_proj", self.lora, self.quant, self.dtype)(jax.nn.silu(gate) * up, deterministic)
+
+
+class DecoderLayer(nn.Module):
+    config: LlamaConfig
+    lora: LoraConfig
+    quant: QuantConfig | None
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, h, positions, segment_ids, cache, deterministic):
+        c = self.config
+        attn_out, new_cache = Attention(c, self.lora, self.quant, self.dtype, name="self_attn")(
+            RMSNorm(c.rms_norm_eps, name="input_layernorm")(h), positions, segment_ids, cache, deterministic)
+        h = h + attn_out
+        x = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(h)
+        h = h + MLP(c, self.lora, self.quant, self.dtype, name="mlp")(x, deterministic)
+        return h, new_cache
+
+
+class LlamaForCausalLM(nn.Module):
+    """The decoder and its head; ``__call__(tokens) -> logits`` (and the new cache when given one)."""
+
+    config: LlamaConfig
+    lora: LoraConfig = LoraConfig()
+    quant: QuantConfig | None = QuantConfig()
+    dtype: Any = jnp.bfloat16
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, deterministic: bool = True):
+        c = self.config
+        b, t = tokens.shape
+        if positions is None:
+            start = 0 if cache is None else cache[0]["index"]
+            positions = jnp.broadcast_to(jnp.arange(t)[None, :] + start, (b, t))
+        embedding = self.variable(FROZEN, "embed_tokens", lambda: jax.random.normal(
+            self.make_rng("params"), (c.vocab_size, c.hidden_size), jnp.float32).astype(jnp.bfloat16) * 0.02).value
+        embedding = jax.lax.stop_gradient(embedding)
+        h = jnp.take(embedding, tokens, axis=0).astype(self.dtype)
+        layer_cls = DecoderLayer
+        if self.remat != "none":
+            policy = None if self.remat == "full" else getattr(jax.checkpoint_policies, self.remat)
+            layer_cls = nn.remat(DecoderLayer, policy=policy, static_argnums=(5,))
+        new_cache = []
+        for i in range(c.num_hidden_layers):
+            h, layer_cache = layer_cls(c, self.lora, self.quant, self.dtype, name=f"layers_{i}")(
+                h, positions, segment_ids, None if cache is None else cache[i], deterministic)
+            new_cache.append(layer_cache)
+        h = RMSNorm(c.rms_norm_eps, name="norm")(h)
+        if c.tie_word_embeddings:
+            head = embedding
+        else:
+            head = jax.lax.stop_gradient(self.variable(FROZEN, "lm_head", lambda: jnp.zeros(
+                (c.vocab_size, c.hidden_size), jnp.bfloat16)).value)
+        logits = jnp.einsum("btd,vd->btv", h, head.astype(self.dtype), preferred_element_type=jnp.float32)
+        return logits if cache is None else (logits, new_cache)
+
+
+def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=jnp.bfloat16) -> list[dict[str, jax.Array]]:
+    """An empty KV cache: per layer ``k, v`` of ``(batch, max_length, KV, head_dim)`` and a fill index."""
+    shape = (batch, max_length, config.num_key_value_heads, config.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)}
+            for _ in range(config.num_hidden_layers)]
