@@ -2,6 +2,7 @@
 
 from qlora_jax.models.config import LlamaConfig, RopeScaling, config_from_gguf, from_gguf_metadata, from_hf_config
 from qlora_jax.models.generate import generate
+from qlora_jax.models.loaders import from_pretrained
 from qlora_jax.models.llama import LlamaForCausalLM, LoraConfig, init_cache
 from qlora_jax.models.weights import variables_from_tensors
 
@@ -13,6 +14,7 @@ __all__ = [
     "config_from_gguf",
     "from_gguf_metadata",
     "from_hf_config",
+    "from_pretrained",
     "generate",
     "init_cache",
     "variables_from_tensors",

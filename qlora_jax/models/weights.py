@@ -22,7 +22,7 @@ import numpy as np
 from qlora_jax.layers import FROZEN, QuantConfig
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.models.llama import LoraConfig
-from qlora_jax.quant import quantize
+from qlora_jax.quant import QuantizedArray, quantize
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.(weight|bias)$")
 _NORM = re.compile(r"^model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$")
@@ -109,6 +109,12 @@ def init_lora(config: LlamaConfig, lora: LoraConfig, key: jax.Array, param_dtype
 
 
 def _place(name: str, value, quant: QuantConfig | None, base_dtype) -> tuple[tuple[str, ...], Any]:
+    if isinstance(value, QuantizedArray):  # pre-quantized (a bnb checkpoint): kept, or dequantized for a float base
+        m = _LAYER.match(name)
+        if not m or m.group(4) != "weight":
+            raise ValueError(f"tensor {name} is 4-bit quantized; only projection weights may be")
+        path = (f"layers_{m.group(1)}", m.group(2), m.group(3), "kernel")
+        return path, value if quant is not None else value.dequantize(base_dtype)
     value = jnp.asarray(value)
     if name == "model.embed_tokens.weight":
         return ("embed_tokens",), value.astype(base_dtype)

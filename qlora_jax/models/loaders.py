@@ -1,0 +1,89 @@
+"""``from_pretrained``: one entry point for a Hugging Face folder, a GGUF file, or a bnb 4-bit folder.
+
+    model, variables, tokenizer = from_pretrained(path, quantization=QuantConfig(), lora=LoraConfig())
+    logits = model.apply(variables, tokens)
+
+A folder is read as ``config.json`` plus one or many ``*.safetensors`` (with
+``model.safetensors.index.json`` when sharded), memory-mapped and streamed one
+tensor at a time. A folder saved by transformers with bitsandbytes 4-bit
+weights (``*.weight.quant_state.bitsandbytes__nf4`` keys) is read without
+re-quantizing. ``quantization=None`` loads a float base (parity tests, bf16 LoRA).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qlora_jax.layers import QuantConfig
+from qlora_jax.models.config import from_hf_config
+from qlora_jax.models.gguf_loader import GGUFModel
+from qlora_jax.models.llama import LlamaForCausalLM, LoraConfig
+from qlora_jax.models.tokenizer import TextTokenizer, tokenizer_from_hf_folder
+from qlora_jax.models.weights import variables_from_tensors
+from qlora_jax.quant.bnb import find_bnb_prefixes, from_bnb_state_dict
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    quantization: QuantConfig | None = QuantConfig(),
+    lora: LoraConfig = LoraConfig(),
+    dtype=jnp.bfloat16,
+    base_dtype=jnp.bfloat16,
+    key: jax.Array | None = None,
+    remat: str = "none",
+) -> tuple[LlamaForCausalLM, dict[str, Any], TextTokenizer | None]:
+    """Loads a model for QLoRA; see the module docstring. The tokenizer is ``None`` if the folder has none."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no model at {path}: expected a Hugging Face folder or a .gguf file")
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise ValueError(f"{path} is a file but not a .gguf; pass a GGUF file or a Hugging Face folder")
+        gguf = GGUFModel(path)
+        config, tensors, tokenizer = gguf.config, gguf.tensors(), gguf.tokenizer
+    else:
+        config = from_hf_config(path)
+        tensors = _folder_tensors(path)
+        tokenizer = tokenizer_from_hf_folder(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
+    variables = variables_from_tensors(config, tensors, quant=quantization, lora=lora, key=key, base_dtype=base_dtype)
+    return LlamaForCausalLM(config, lora, quant=quantization, dtype=dtype, remat=remat), variables, tokenizer
+
+
+def safetensors_files(folder: str) -> list[str]:
+    """The weight files of a folder: the index's shards, or every ``*.safetensors``."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [s for s in shards if not os.path.exists(os.path.join(folder, s))]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are not there: {missing}")
+        return [os.path.join(folder, s) for s in shards]
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {folder}")
+    return [os.path.join(folder, f) for f in files]
+
+
+def _folder_tensors(folder: str) -> Iterator[tuple[str, Any]]:
+    """Streams ``(name, array)``; bnb 4-bit weights come out as ``QuantizedArray`` (their keys grouped)."""
+    from safetensors import safe_open
+
+    for file in safetensors_files(folder):
+        with safe_open(file, framework="flax") as f:
+            keys = list(f.keys())
+            prefixes = find_bnb_prefixes(dict.fromkeys(keys))
+            quant_keys = {k for p in prefixes for k in keys if k == p or k.startswith(p + ".")}
+            for p in prefixes:
+                yield p, from_bnb_state_dict({k: np.asarray(f.get_tensor(k)) for k in keys
+                                              if k == p or k.startswith(p + ".")}, prefix=p)
+            for k in keys:
+                if k not in quant_keys:
+                    yield k, f.get_tensor(k)

@@ -1,0 +1,86 @@
+"""Tokenizer + chat template, from a Hugging Face folder or a GGUF file's metadata.
+
+``TextTokenizer`` wraps a ``tokenizers.Tokenizer`` with its special ids and the
+model's Jinja chat template (``apply_chat_template(messages)`` renders it the
+way transformers does: ``messages``, ``add_generation_prompt``, ``bos_token``,
+``eos_token``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+GGUF_CONTROL = 3  # tokenizer.ggml.token_type of special/control tokens
+
+
+@dataclasses.dataclass
+class TextTokenizer:
+    tokenizer: Tokenizer
+    bos_id: int | None
+    eos_id: int | None
+    chat_template: str | None = None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token(self, token_id: int | None) -> str:
+        return "" if token_id is None else self.tokenizer.id_to_token(token_id)
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+        """The prompt text for ``messages`` ([{"role", "content"}, ...]) per the model's template."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template; format the prompt yourself")
+        import jinja2
+
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        template = env.from_string(self.chat_template)
+        return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                               bos_token=self.token(self.bos_id), eos_token=self.token(self.eos_id))
+
+
+def tokenizer_from_gguf_fields(meta: Mapping[str, Any]) -> TextTokenizer:
+    """Builds the byte-level BPE tokenizer of a ``gpt2``-type GGUF (Llama 3, SmolLM2, Qwen2)."""
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"GGUF tokenizer.ggml.model={kind!r} is not supported (only byte-level BPE 'gpt2')")
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    tk = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if meta.get("tokenizer.ggml.pre") in ("smollm", "starcoder", "refact"):  # digits one by one, as their HF files
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        tk.pre_tokenizer = byte_level
+    tk.decoder = decoders.ByteLevel()
+    types = meta.get("tokenizer.ggml.token_type") or []
+    tk.add_special_tokens([tokens[i] for i, t in enumerate(types) if t == GGUF_CONTROL])
+    return TextTokenizer(tk, meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id"),
+                         meta.get("tokenizer.chat_template"))
+
+
+def tokenizer_from_hf_folder(folder: str | os.PathLike) -> TextTokenizer:
+    """``tokenizer.json`` + ``tokenizer_config.json`` (special tokens, chat template) of a HF folder."""
+    folder = os.fspath(folder)
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no tokenizer.json in {folder}")
+    tk = Tokenizer.from_file(path)
+    cfg_path = os.path.join(folder, "tokenizer_config.json")
+    cfg = json.load(open(cfg_path, encoding="utf-8")) if os.path.exists(cfg_path) else {}
+
+    def token_id(field: str) -> int | None:
+        value = cfg.get(field)
+        if isinstance(value, dict):
+            value = value.get("content")
+        return tk.token_to_id(value) if value else None
+
+    return TextTokenizer(tk, token_id("bos_token"), token_id("eos_token"), cfg.get("chat_template"))
