@@ -16,3 +16,4 @@ def test_readme_python_blocks_run(capsys):
         exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - our own docs
     out = capsys.readouterr().out
     assert "bits_per_weight=4.127" in out and "'fraction': 0.0303" in out
+    assert "Paris" in out

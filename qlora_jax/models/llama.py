@@ -69,9 +69,11 @@ def _dense(features: int, name: str, lora: LoraConfig, quant: QuantConfig | None
                       use_rslora=lora.use_rslora, use_bias=bias, quant=quant, dtype=dtype, name=name)
 
 
-def attention_mask(q_pos, k_pos, q_seg=None, k_seg=None, k_valid=None) -> jax.Array:
-    """``(B, 1, 1, T, S)`` boolean: causal by position, same segment, key slot filled."""
+def attention_mask(q_pos, k_pos, q_seg=None, k_seg=None, k_valid=None, window=None) -> jax.Array:
+    """``(B, 1, 1, T, S)`` boolean: causal by position, within ``window`` (Mistral), same segment, slot filled."""
     mask = k_pos[:, None, :] <= q_pos[:, :, None]
+    if window is not None:
+        mask &= q_pos[:, :, None] - k_pos[:, None, :] < window
     if q_seg is not None:
         mask &= q_seg[:, :, None] == k_seg[:, None, :]
     if k_valid is not None:
@@ -101,7 +103,7 @@ class Attention(nn.Module):
         else:
             keys, values, k_pos, k_valid, new_cache = _update_cache(cache, k, v, positions)
             k_seg = None
-        mask = attention_mask(positions, k_pos, segment_ids, k_seg, k_valid)
+        mask = attention_mask(positions, k_pos, segment_ids, k_seg, k_valid, c.sliding_window)
         qg = q.reshape(b, t, c.num_key_value_heads, c.num_groups, c.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys, preferred_element_type=jnp.float32)
         scores = scores / jnp.sqrt(jnp.float32(c.head_dim))

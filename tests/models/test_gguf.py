@@ -53,3 +53,22 @@ def test_smollm2_in_nf4_answers_paris():
     assert ids[0] == 1 and tok.decode(ids, skip_special_tokens=False) == prompt  # special tokens kept whole
     answer = tok.decode(generate(model, variables, ids, 16, eos_id=tok.eos_id))
     assert "Paris" in answer, answer
+
+
+def test_hf_folder_tokenizer_matches_gguf_one(tmp_path):
+    """tokenizer.json + tokenizer_config.json (written from the GGUF's tokenizer) read back identically."""
+    import json
+
+    from qlora_jax.models.gguf_loader import GGUFModel
+    from qlora_jax.models.tokenizer import tokenizer_from_hf_folder
+
+    tok = GGUFModel(_smollm2()).tokenizer
+    tok.tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"}, "chat_template": tok.chat_template}))
+    hf_tok = tokenizer_from_hf_folder(tmp_path)
+    text = "Hello, world! 12345 déjà vu <|im_end|>"
+    assert hf_tok.encode(text) == tok.encode(text)
+    assert (hf_tok.bos_id, hf_tok.eos_id) == (1, 2)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert hf_tok.apply_chat_template(msgs) == tok.apply_chat_template(msgs)

@@ -28,6 +28,9 @@ def _hf_model(kind: str):
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 16})
         model = transformers.LlamaForCausalLM(cfg)
+    elif kind == "mistral":
+        cfg = transformers.MistralConfig(**COMMON, sliding_window=8)
+        model = transformers.MistralForCausalLM(cfg)
     elif kind == "qwen2":
         cfg = transformers.Qwen2Config(**COMMON, tie_word_embeddings=True)
         model = transformers.Qwen2ForCausalLM(cfg)
@@ -47,7 +50,7 @@ def _ours(hf, quant=None, dtype=jnp.float32):
     return LlamaForCausalLM(cfg, lora, quant=quant, dtype=dtype), v
 
 
-@pytest.mark.parametrize("kind", ["llama3", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama3", "qwen2", "mistral"])
 def test_fp32_logits_match_transformers(rng, kind):
     import torch
 
