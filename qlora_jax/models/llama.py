@@ -63,10 +63,20 @@ class RMSNorm(nn.Module):
         return (y * jax.lax.stop_gradient(weight).astype(jnp.float32)).astype(x.dtype)
 
 
-def _dense(features: int, name: str, lora: LoraConfig, quant: QuantConfig | None, dtype, bias: bool = False):
-    rank = lora.rank if name in lora.targets else 0
-    return QLoRADense(features=features, rank=rank, alpha=lora.alpha, dropout=lora.dropout,
-                      use_rslora=lora.use_rslora, use_bias=bias, quant=quant, dtype=dtype, name=name)
+class _Sublayer(nn.Module):
+    """Fields shared by the decoder's parts, and their one way to build a projection."""
+
+    config: LlamaConfig
+    lora: LoraConfig
+    quant: QuantConfig | None
+    dtype: Any
+
+    def dense(self, features: int, name: str, bias: bool = False) -> QLoRADense:
+        """A ``QLoRADense`` that gets LoRA if ``name`` is one of the targets."""
+        lora = self.lora
+        return QLoRADense(features=features, rank=lora.rank if name in lora.targets else 0, alpha=lora.alpha,
+                          dropout=lora.dropout, use_rslora=lora.use_rslora, use_bias=bias, quant=self.quant,
+                          dtype=self.dtype, name=name)
 
 
 def attention_mask(q_pos, k_pos, q_seg=None, k_seg=None, k_valid=None, window=None) -> jax.Array:
@@ -81,19 +91,14 @@ def attention_mask(q_pos, k_pos, q_seg=None, k_seg=None, k_valid=None, window=No
     return mask[:, None, None]
 
 
-class Attention(nn.Module):
-    config: LlamaConfig
-    lora: LoraConfig
-    quant: QuantConfig | None
-    dtype: Any
-
+class Attention(_Sublayer):
     @nn.compact
     def __call__(self, x, positions, segment_ids, cache, deterministic):
         c = self.config
         b, t, _ = x.shape
-        q = _dense(c.num_attention_heads * c.head_dim, "q_proj", self.lora, self.quant, self.dtype, c.attention_bias)(x, deterministic)
-        k = _dense(c.num_key_value_heads * c.head_dim, "k_proj", self.lora, self.quant, self.dtype, c.attention_bias)(x, deterministic)
-        v = _dense(c.num_key_value_heads * c.head_dim, "v_proj", self.lora, self.quant, self.dtype, c.attention_bias)(x, deterministic)
+        q = self.dense(c.num_attention_heads * c.head_dim, "q_proj", c.attention_bias)(x, deterministic)
+        k = self.dense(c.num_key_value_heads * c.head_dim, "k_proj", c.attention_bias)(x, deterministic)
+        v = self.dense(c.num_key_value_heads * c.head_dim, "v_proj", c.attention_bias)(x, deterministic)
         inv_freq = inv_frequencies(c)
         q = apply_rope(q.reshape(b, t, c.num_attention_heads, c.head_dim), positions, inv_freq)
         k = apply_rope(k.reshape(b, t, c.num_key_value_heads, c.head_dim), positions, inv_freq)
@@ -110,7 +115,7 @@ class Attention(nn.Module):
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(self.dtype)).reshape(b, t, -1)
-        out = _dense(c.hidden_size, "o_proj", self.lora, self.quant, self.dtype)(out, deterministic)
+        out = self.dense(c.hidden_size, "o_proj")(out, deterministic)
         return out, new_cache
 
 
@@ -126,28 +131,18 @@ def _update_cache(cache, k, v, positions):
     return keys, values, k_pos, k_valid, {"k": keys, "v": values, "index": index + k.shape[1]}
 
 
-class MLP(nn.Module):
+class MLP(_Sublayer):
     """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
-
-    config: LlamaConfig
-    lora: LoraConfig
-    quant: QuantConfig | None
-    dtype: Any
 
     @nn.compact
     def __call__(self, x, deterministic):
         c = self.config
-        gate = _dense(c.intermediate_size, "gate_proj", self.lora, self.quant, self.dtype)(x, deterministic)
-        up = _dense(c.intermediate_size, "up_proj", self.lora, self.quant, self.dtype)(x, deterministic)
-        return _dense(c.hidden_size, "down_proj", self.lora, self.quant, self.dtype)(jax.nn.silu(gate) * up, deterministic)
+        gate = self.dense(c.intermediate_size, "gate_proj")(x, deterministic)
+        up = self.dense(c.intermediate_size, "up_proj")(x, deterministic)
+        return self.dense(c.hidden_size, "down_proj")(jax.nn.silu(gate) * up, deterministic)
 
 
-class DecoderLayer(nn.Module):
-    config: LlamaConfig
-    lora: LoraConfig
-    quant: QuantConfig | None
-    dtype: Any
-
+class DecoderLayer(_Sublayer):
     @nn.compact
     def __call__(self, h, positions, segment_ids, cache, deterministic):
         c = self.config
@@ -180,8 +175,7 @@ class LlamaForCausalLM(nn.Module):
         if positions is None:
             start = 0 if cache is None else cache[0]["index"]
             positions = jnp.broadcast_to(jnp.arange(t)[None, :] + start, (b, t))
-        embedding = self.variable(FROZEN, "embed_tokens", lambda: jax.random.normal(
-            self.make_rng("params"), (c.vocab_size, c.hidden_size), jnp.float32).astype(jnp.bfloat16) * 0.02).value
+        embedding = self.variable(FROZEN, "embed_tokens", self._random_table).value
         embedding = jax.lax.stop_gradient(embedding)
         h = jnp.take(embedding, tokens, axis=0).astype(self.dtype)
         layer_cls = DecoderLayer
@@ -197,10 +191,14 @@ class LlamaForCausalLM(nn.Module):
         if c.tie_word_embeddings:
             head = embedding
         else:
-            head = jax.lax.stop_gradient(self.variable(FROZEN, "lm_head", lambda: jnp.zeros(
-                (c.vocab_size, c.hidden_size), jnp.bfloat16)).value)
+            head = jax.lax.stop_gradient(self.variable(FROZEN, "lm_head", self._random_table).value)
         logits = jnp.einsum("btd,vd->btv", h, head.astype(self.dtype), preferred_element_type=jnp.float32)
         return logits if cache is None else (logits, new_cache)
+
+    def _random_table(self) -> jax.Array:
+        """A fresh ``(vocab, hidden)`` bf16 table, N(0, 0.02^2), for a model built without weights."""
+        shape = (self.config.vocab_size, self.config.hidden_size)
+        return (jax.random.normal(self.make_rng("params"), shape, jnp.float32) * 0.02).astype(jnp.bfloat16)
 
 
 def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=jnp.bfloat16) -> list[dict[str, jax.Array]]:
