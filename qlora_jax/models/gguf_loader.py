@@ -56,15 +56,15 @@ class GGUFModel:
         if not os.path.exists(self.path):
             raise FileNotFoundError(f"no GGUF file at {self.path}")
         self.reader = GGUFReader(self.path)
-        self.meta: dict[str, Any] = {}
-        for key, field in self.reader.fields.items():
-            if field.types and (field.types[0] != GGUFValueType.ARRAY or key.startswith("tokenizer.")):
-                self.meta[key] = field.contents()
+        # scalars only: the token tables (~100k Python strings) are read when the tokenizer is asked for
+        self.meta: dict[str, Any] = {key: field.contents() for key, field in self.reader.fields.items()
+                                     if field.types and field.types[0] != GGUFValueType.ARRAY}
         self.config: LlamaConfig = from_gguf_metadata(self.meta, {t.name for t in self.reader.tensors})
 
     @property
     def tokenizer(self) -> TextTokenizer:
-        return tokenizer_from_gguf_fields(self.meta)
+        tables = {key: field.contents() for key, field in self.reader.fields.items() if key.startswith("tokenizer.")}
+        return tokenizer_from_gguf_fields({**self.meta, **tables})
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """``(hf_name, float32 array)`` one tensor at a time, q/k rows in HF order."""

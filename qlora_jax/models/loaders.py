@@ -47,13 +47,14 @@ def from_pretrained(
         if not path.endswith(".gguf"):
             raise ValueError(f"{path} is a file but not a .gguf; pass a GGUF file or a Hugging Face folder")
         gguf = GGUFModel(path)
-        config, tensors, tokenizer = gguf.config, gguf.tensors(), gguf.tokenizer
+        config, tensors, read_tokenizer = gguf.config, gguf.tensors(), lambda: gguf.tokenizer
     else:
-        config = from_hf_config(path)
-        tensors = _folder_tensors(path)
-        tokenizer = tokenizer_from_hf_folder(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
+        config, tensors = from_hf_config(path), _folder_tensors(path)
+        has_tokenizer = os.path.exists(os.path.join(path, "tokenizer.json"))
+        read_tokenizer = lambda: tokenizer_from_hf_folder(path) if has_tokenizer else None  # noqa: E731
     variables = variables_from_tensors(config, tensors, quant=quantization, lora=lora, key=key, base_dtype=base_dtype)
-    return LlamaForCausalLM(config, lora, quant=quantization, dtype=dtype, remat=remat), variables, tokenizer
+    model = LlamaForCausalLM(config, lora, quant=quantization, dtype=dtype, remat=remat)
+    return model, variables, read_tokenizer()
 
 
 def safetensors_files(folder: str) -> list[str]:

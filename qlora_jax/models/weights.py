@@ -79,7 +79,10 @@ def variables_from_tensors(
         if shape != shapes[name]:
             raise ValueError(f"tensor {name} has shape {shape}, the config needs {shapes[name]}")
         path, stored = _place(name, value, quant, base_dtype)
-        _set(frozen, path, stored)
+        # wait for this tensor's conversion before reading the next: with async dispatch the
+        # float copies would otherwise pile up, and peak memory would be the float model's
+        _set(frozen, path, jax.block_until_ready(stored))
+        del value
         seen.add(name)
     if unknown:
         raise ValueError(f"{len(unknown)} tensors the {config.model_type} model does not use: {unknown[:5]}")
