@@ -15,7 +15,16 @@ TOL = {
     "dq_scale_rel": 0.02,
     # float32 slack on top of an exact error bound, relative to the block scale
     "f32_slack": 1e-6,
+    # ||kernel - reference|| / ||reference|| of a matmul: float32 (summation order only), bf16 (output rounding)
+    "matmul_rel_f32": 2e-6,
+    "matmul_rel_bf16": 8e-3,
 }
+
+
+def rel_err(a, b) -> float:
+    """``||a - b|| / ||b||`` in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
 
