@@ -11,7 +11,7 @@ never shadows the Hugging Face ``kernels`` package that transformers imports.
 
 from qlora_jax.kernels.dequantize import DequantBlockSizes, dequantize, pallas_dequantize
 from qlora_jax.kernels.fused_matmul import MatmulBlockSizes
-from qlora_jax.kernels.matmul import AUTO_FUSED_MAX_M, BACKENDS, quantized_matmul, resolve_backend
+from qlora_jax.kernels.matmul import AUTO_FUSED_MAX_M, BACKENDS, quantized_matmul, resolve_backend, transposed_matmul
 
 __all__ = [
     "AUTO_FUSED_MAX_M",
@@ -22,4 +22,5 @@ __all__ = [
     "pallas_dequantize",
     "quantized_matmul",
     "resolve_backend",
+    "transposed_matmul",
 ]

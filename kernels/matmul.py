@@ -165,6 +165,22 @@ def quantized_matmul(x: jax.Array, q: QuantizedArray, backend: str = "auto", *, 
     return _matmul(x, q, plan)
 
 
+def transposed_matmul(dy: jax.Array, q: QuantizedArray, backend: str = "auto", *,
+                      block_sizes: MatmulBlockSizes | None = None, interpret: bool | None = None) -> jax.Array:
+    """``dy @ dequant(q)`` for ``dy`` of shape ``(..., out)``: what ``quantized_matmul``'s backward computes.
+
+    Exposed for benchmarks and for callers that need the transposed product
+    alone; no gradient is defined for it.
+    """
+    if not isinstance(q, QuantizedArray) or q.ndim != 2 or dy.shape[-1] != q.shape[0]:
+        raise ValueError(f"transposed_matmul needs a 2-D QuantizedArray and dy (..., {getattr(q, 'shape', ('?',))[0]}), "
+                         f"got dy.shape={tuple(dy.shape)}")
+    m = math.prod(dy.shape[:-1])
+    plan = Plan(backend=resolve_backend(backend, m, q), bwd_block_sizes=block_sizes,
+                interpret=compat.default_interpret() if interpret is None else bool(interpret))
+    return _apply(dy, q, plan, transpose=True)
+
+
 def _check(x, q) -> None:
     if not isinstance(q, QuantizedArray):
         raise ValueError(f"quantized_matmul expects a QuantizedArray weight, got {type(q).__name__}")

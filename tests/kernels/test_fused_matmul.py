@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from testlib import TOL, rel_err
 
 import qlora_jax as qj
 from qlora_jax.kernels import AUTO_FUSED_MAX_M, MatmulBlockSizes, quantized_matmul, resolve_backend
+from qlora_jax.kernels.compat import on_gpu
 from qlora_jax.layers import QLoRADense
 
 
@@ -34,7 +36,7 @@ def _value_and_dx(f, x, dy):
 
 
 def _check(backend, q, x, dy, **kw):
-    tol = TOL["matmul_rel_f32"] if x.dtype == jnp.float32 else TOL["matmul_rel_bf16"]
+    tol = TOL["matmul_rel_bf16"] if x.dtype != jnp.float32 else TOL["matmul_rel_tf32" if on_gpu() else "matmul_rel_f32"]
     y, dx = _value_and_dx(jax.jit(lambda x: quantized_matmul(x, q, backend, **kw)), x, dy)
     y_ref, dx_ref = _value_and_dx(lambda x: _reference(x, q), x, dy)
     assert y.dtype == x.dtype and dx.dtype == x.dtype and y.shape == y_ref.shape
@@ -101,13 +103,16 @@ def test_qlora_dense_gradients_match_across_backends(rng):
         grads[backend] = jax.jit(jax.grad(loss))(params)
     for backend in ("pallas", "pallas_unfused"):
         for a, b in zip(jax.tree.leaves(grads[backend]), jax.tree.leaves(grads["xla"])):
-            assert rel_err(a, b) < TOL["matmul_rel_f32"]
+            assert rel_err(a, b) < TOL["matmul_rel_tf32" if on_gpu() else "matmul_rel_f32"]
 
 
 def test_auto_dispatch(rng):
     q = qj.quantize(jnp.asarray(rng.standard_normal((64, 256)).astype(np.float32)))
-    assert resolve_backend("auto", 1, q) == "xla"  # a CPU backend always takes the reference
-    assert AUTO_FUSED_MAX_M >= 1
+    if on_gpu():
+        assert resolve_backend("auto", 1, q) == "pallas"
+        assert resolve_backend("auto", AUTO_FUSED_MAX_M + 1, q) == "pallas_unfused"
+    else:
+        assert resolve_backend("auto", 1, q) == "xla"  # a CPU backend always takes the reference
     odd = qj.quantize(jnp.asarray(rng.standard_normal((8, 96)).astype(np.float32)))  # K=96 straddles blocks
     with pytest.raises(ValueError, match="in_features=96 is not a multiple of blocksize=64"):
         quantized_matmul(jnp.ones((2, 96)), odd, "pallas")
@@ -115,8 +120,9 @@ def test_auto_dispatch(rng):
     np.testing.assert_allclose(np.asarray(y), np.asarray(_reference(jnp.ones((2, 96)), odd)), rtol=1e-6)
     with pytest.raises(ValueError, match="out_features=20 is not a multiple of 16"):
         resolve_backend("pallas", 4, qj.quantize(jnp.ones((20, 64))))
-    with pytest.raises(ValueError, match="backend='triton'"):
-        quantized_matmul(jnp.ones((2, 256)), q, "triton")  # no GPU (and no jax-triton) here
+    if not on_gpu():
+        with pytest.raises(ValueError, match="backend='triton'"):
+            quantized_matmul(jnp.ones((2, 256)), q, "triton")  # no GPU (and no jax-triton) here
     with pytest.raises(ValueError, match="bwd='fast'"):
         quantized_matmul(jnp.ones((2, 256)), q, "pallas", bwd="fast")
 
@@ -136,3 +142,12 @@ def test_block_sizes_defaults_and_validation():
         MatmulBlockSizes(16, 16, 32).check(1, 64, 128, 64, False)
     with pytest.raises(ValueError, match="split=3 must divide"):
         dataclasses.replace(MatmulBlockSizes(16, 16, 64), split=3).check(1, 64, 256, 64, False)
+
+
+@pytest.mark.skipif(not on_gpu() or importlib.util.find_spec("jax_triton") is None,
+                    reason="the jax-triton backend runs on a GPU with jax-triton (scripts/gpu_check.sh); "
+                    "its kernels are proven on the CPU by test_triton_backend.py")
+@pytest.mark.parametrize("m", [1, 7, 128])
+def test_triton_backend_on_gpu(rng, m):
+    _check("triton", *_case(rng, m, 128, 512, dtype=jnp.bfloat16))
+    _check("triton", *_case(rng, m, 64, 256), block_sizes=MatmulBlockSizes(16, 32, 64, split=2))

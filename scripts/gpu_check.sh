@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The one GPU check: kernel tests run for real on the GPU, then the kernel benchmark,
+# whose table is printed last. Sized for the H200 of the device tool (< 8 minutes).
+#
+#   bash scripts/gpu_check.sh            # on the GPU machine (device tool run)
+#   bash scripts/gpu_check.sh --dry-run  # anywhere, no GPU: CPU, Pallas interpret mode, tiny shapes
+#
+# On the GPU machine nothing is installed from the network: the package is copied
+# into a site folder (kernels/ as qlora_jax/kernels, as pyproject maps it) and any
+# wheels under .whl/ are installed beside it. jax-triton (the optional "triton"
+# backend) is such a wheel; fetch it here once, then name .whl in the run's carry:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl jax-triton==0.3.1
+# Without it the triton rows say "unavailable" and everything else runs.
+# Results: $OUT (or /tmp/qlora_gpu_check) gets gpu_check.log, bench.json and bench.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+repo="$(pwd)"
+out="${OUT:-/tmp/qlora_gpu_check}"
+mkdir -p "$out"
+log="$out/gpu_check.log"
+: > "$log"
+export PYTHONUNBUFFERED=1
+
+if [[ "${1:-}" == "--dry-run" ]]; then
+  bash scripts/setup_env.sh .venv python3 test,oracle || exit 1
+  python="$repo/.venv/bin/python"
+  tests=(-m "not oracle" -x -q "$repo/tests/kernels/test_fused_matmul.py" "$repo/tests/kernels/test_dequantize_kernel.py")
+  bench=(--tiny --budget-s 60)
+else
+  python=python3
+  site=/tmp/qlora_site
+  rm -rf "$site" && mkdir -p "$site/qlora_jax"
+  cp -r qlora_jax/. "$site/qlora_jax/" && cp -r kernels "$site/qlora_jax/kernels"
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
+      || echo "[gpu_check] carried wheels failed to install; continuing without them"
+  fi
+  export PYTHONPATH="$site"
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 | tee -a "$log"
+  tests=(-m "not oracle" -q "$repo/tests/kernels")
+  bench=(--budget-s 240)
+fi
+
+# The repository root must not be on sys.path (its kernels/ is not qlora_jax.kernels): run from /tmp.
+echo "[gpu_check] kernel tests" | tee -a "$log"
+(cd /tmp && timeout 300 "$python" -m pytest -c "$repo/pyproject.toml" --rootdir "$repo" -p no:cacheprovider \
+  "${tests[@]}" 2>&1) | tee -a "$log" | tail -n 25
+tests_rc=${PIPESTATUS[0]}
+
+echo "[gpu_check] benchmark" | tee -a "$log"
+(cd /tmp && timeout 400 "$python" "$repo/scripts/bench_kernels.py" "${bench[@]}" \
+  --json "$out/bench.json" --markdown "$out/bench.md" 2>&1) | tee -a "$log" > "$out/bench.stdout"
+bench_rc=${PIPESTATUS[0]}
+
+echo
+echo "[gpu_check] tests rc=$tests_rc, bench rc=$bench_rc (log: $log)"
+if [[ -s "$out/bench.md" ]]; then cat "$out/bench.md"; else tail -n 30 "$out/bench.stdout"; fi
+[[ $tests_rc == 0 && $bench_rc == 0 ]]
