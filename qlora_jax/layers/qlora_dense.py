@@ -10,8 +10,10 @@ transposed).
 Trainability is structural: ``W`` (a ``QuantizedArray`` or a float array) and the
 bias live in the ``"frozen"`` collection, so the ``"params"`` collection holds
 LoRA's ``A`` and ``B`` alone and ``jax.grad`` over ``params`` is all a trainer
-needs. The quantized base matmul goes through ``qlora_jax.kernels``, whose
-custom VJP saves only the packed weight and returns a gradient for ``x`` only.
+needs. The quantized base matmul goes through ``qlora_jax.kernels.quantized_matmul``
+on ``backend`` (``"auto"``: jnp reference on CPUs, Pallas kernels on GPUs;
+docs/kernels.md), whose custom VJP saves only the packed weight and returns a
+gradient for ``x`` only.
 
 Init follows PEFT: ``A ~ U(-1/sqrt(in), 1/sqrt(in))`` (kaiming-uniform with
 a = sqrt(5)), ``B = 0``, so a fresh adapter leaves the output unchanged. A fresh
@@ -30,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qlora_jax.kernels import quantized_matmul
+from qlora_jax.kernels import BACKENDS, quantized_matmul
 from qlora_jax.quant import QuantizedArray, quantize
 from qlora_jax.quant.api import check_blocksize
 from qlora_jax.quant.codebooks import check_quant_type
@@ -78,6 +80,8 @@ class QLoRADense(nn.Module):
             raise ValueError(f"rank={self.rank} must be >= 0 (0 disables LoRA)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} is not one of {BACKENDS}")
         super().__post_init__()
 
     @property

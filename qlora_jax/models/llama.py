@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qlora_jax.kernels import BACKENDS
 from qlora_jax.layers import FROZEN, QLoRADense, QuantConfig
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.models.rope import apply_rope, inv_frequencies
@@ -70,13 +71,14 @@ class _Sublayer(nn.Module):
     lora: LoraConfig
     quant: QuantConfig | None
     dtype: Any
+    backend: str = "auto"
 
     def dense(self, features: int, name: str, bias: bool = False) -> QLoRADense:
         """A ``QLoRADense`` that gets LoRA if ``name`` is one of the targets."""
         lora = self.lora
         return QLoRADense(features=features, rank=lora.rank if name in lora.targets else 0, alpha=lora.alpha,
                           dropout=lora.dropout, use_rslora=lora.use_rslora, use_bias=bias, quant=self.quant,
-                          dtype=self.dtype, name=name)
+                          dtype=self.dtype, backend=self.backend, name=name)
 
 
 def attention_mask(q_pos, k_pos, q_seg=None, k_seg=None, k_valid=None, window=None) -> jax.Array:
@@ -146,11 +148,11 @@ class DecoderLayer(_Sublayer):
     @nn.compact
     def __call__(self, h, positions, segment_ids, cache, deterministic):
         c = self.config
-        attn_out, new_cache = Attention(c, self.lora, self.quant, self.dtype, name="self_attn")(
+        attn_out, new_cache = Attention(c, self.lora, self.quant, self.dtype, self.backend, name="self_attn")(
             RMSNorm(c.rms_norm_eps, name="input_layernorm")(h), positions, segment_ids, cache, deterministic)
         h = h + attn_out
         x = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(h)
-        h = h + MLP(c, self.lora, self.quant, self.dtype, name="mlp")(x, deterministic)
+        h = h + MLP(c, self.lora, self.quant, self.dtype, self.backend, name="mlp")(x, deterministic)
         return h, new_cache
 
 
@@ -162,8 +164,11 @@ class LlamaForCausalLM(nn.Module):
     quant: QuantConfig | None = QuantConfig()
     dtype: Any = jnp.bfloat16
     remat: str = "none"
+    backend: str = "auto"  # the 4-bit matmul's backend (qlora_jax.kernels.BACKENDS; docs/kernels.md)
 
     def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} is not one of {BACKENDS}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
         super().__post_init__()
@@ -184,7 +189,7 @@ class LlamaForCausalLM(nn.Module):
             layer_cls = nn.remat(DecoderLayer, policy=policy, static_argnums=(5,))
         new_cache = []
         for i in range(c.num_hidden_layers):
-            h, layer_cache = layer_cls(c, self.lora, self.quant, self.dtype, name=f"layers_{i}")(
+            h, layer_cache = layer_cls(c, self.lora, self.quant, self.dtype, self.backend, name=f"layers_{i}")(
                 h, positions, segment_ids, None if cache is None else cache[i], deterministic)
             new_cache.append(layer_cache)
         h = RMSNorm(c.rms_norm_eps, name="norm")(h)
