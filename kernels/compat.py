@@ -7,8 +7,15 @@ default GPU backend differs between the two (Mosaic GPU in 0.10.2, Triton in
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import io
+import re
+
 import jax
 from jax.experimental.pallas import triton as pl_triton
+
+_PRINT_TRITON_IR = contextvars.ContextVar("qlora_jax_print_triton_ir", default=False)
 
 
 def triton_params(num_warps: int, num_stages: int):
@@ -36,3 +43,35 @@ def lower_for_device(fn, *args, device_kind: str = "NVIDIA H200", platform: str 
     mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
     with jax.sharding.use_abstract_mesh(mesh):
         return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,))
+
+
+def pallas_debug() -> bool:
+    """The ``debug=`` every ``pallas_call`` passes: True only inside ``triton_ir``."""
+    return _PRINT_TRITON_IR.get()
+
+
+def triton_ir(fn, *args) -> list[str]:
+    """The Triton IR (text) of every Pallas kernel in ``jax.jit(fn)(*args)``, lowered for an abstract H200.
+
+    Pallas prints a kernel's Triton module when its ``pallas_call`` has
+    ``debug=True``; this captures that print, strips the location annotations,
+    and returns one module per kernel, ready for ``triton.compile`` (which
+    tests/kernels/triton_check.py uses to check shared memory and registers).
+    """
+    token = _PRINT_TRITON_IR.set(True)
+    jax.clear_caches()  # traces made without debug would be reused otherwise
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            lower_for_device(fn, *args)
+    finally:
+        _PRINT_TRITON_IR.reset(token)
+        jax.clear_caches()
+    modules = []
+    for chunk in out.getvalue().split("The Triton module for pallas_call")[1:]:
+        chunk = chunk.split("The kernel jaxpr for pallas_call")[0]
+        text = chunk[chunk.index("module") : chunk.rindex("}") + 1]
+        text = "\n".join(line for line in text.splitlines() if not line.startswith("#loc"))
+        text = re.sub(r' "[^"\n]*"\(#loc\d*\)| \(#loc\d*\)| #loc\d*\b| \[unknown\]', "", text)
+        modules.append(text + "\n")
+    return modules

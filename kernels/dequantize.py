@@ -89,6 +89,7 @@ def _dequantize(q: QuantizedArray, dtype, block_sizes: DequantBlockSizes, interp
         out_specs=pl.BlockSpec((rows, b), lambda i: (i, 0)),
         compiler_params=compat.triton_params(block_sizes.num_warps, block_sizes.num_stages),
         interpret=interpret,
+        debug=compat.pallas_debug(),
         name="qlora_dequantize",
     )(*ops.arrays())
     return out.reshape(q.shape)

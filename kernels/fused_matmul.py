@@ -82,7 +82,7 @@ class MatmulBlockSizes:
         the codes. Training-sized ``M`` is bound by the tensor cores: 128-wide tiles.
         """
         if m <= 16:
-            bm, bn, bk, warps, stages = 16, 64, 256, 4, 3
+            bm, bn, bk, warps, stages = 16, 64, 256, 8, 3
         elif m <= 64:
             bm, bn, bk, warps, stages = _pow2_at_least(m, 16), 64, 128, 4, 3
         else:
@@ -183,6 +183,7 @@ def _call(lhs, ops: Operands, shape_nk, quant, bs: MatmulBlockSizes, interpret: 
         out_specs=pl.BlockSpec((None, bm, tile_cols), lambda i, j, s: (s, i, j)),
         compiler_params=compat.triton_params(bs.num_warps, bs.num_stages),
         interpret=interpret,
+        debug=compat.pallas_debug(),
         name="qlora_matmul_t" if transpose else "qlora_matmul",
     )(lhs, *ops.arrays())
     if split == 1:

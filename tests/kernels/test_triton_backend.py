@@ -1,6 +1,12 @@
-"""The jax-triton backend's kernels, proven without a GPU: Triton's CPU interpreter and an sm_90 compile.
+"""Kernels compiled and run by Triton itself, without a GPU.
 
-Both need the ``triton`` package (the ``oracle`` extra installs it; CI requires
+* the jax-triton backend's kernels in Triton's CPU interpreter, against the reference;
+* those kernels, and the Triton IR the *Pallas* kernels lower to, compiled for
+  sm_90 (H100/H200) down to a cubin with triton 3.6 (the GPU machine's version),
+  with ``ptxas -v``'s register and spill report: a kernel that needs more shared
+  memory than a Hopper block has, or spills registers, fails here.
+
+They need the ``triton`` package (the ``oracle`` extra installs it; CI requires
 it) and run in subprocesses because Triton fixes interpreter mode when a kernel
 is decorated.
 """
@@ -37,8 +43,21 @@ def test_triton_kernels_match_reference_in_interpreter():
         assert row["rel_err"] < tol, row
 
 
+HOPPER_SHARED_PER_BLOCK = 227 * 1024
+
+
 def test_triton_kernels_compile_for_sm90():
     rows = _run("compile")
     assert len(rows) == 4
     for row in rows:
-        assert row["cubin_bytes"] > 0 and row["shared"] <= 227 * 1024, row  # fits an H100/H200 block
+        assert row["cubin_bytes"] > 0 and row["shared"] <= HOPPER_SHARED_PER_BLOCK, row
+        assert 0 < row["registers"] <= 255 and row["spill_stores"] == 0, row
+
+
+def test_pallas_kernels_compile_for_sm90():
+    rows = _run("pallas")
+    assert len(rows) == 9  # dequantize + forward / transposed x decode / training tile x two lookups
+    for row in rows:
+        assert row["cubin_bytes"] > 0 and row["shared"] <= HOPPER_SHARED_PER_BLOCK, row
+        if "gather" not in row["kernel"]:  # the default lookup must not spill ("gather" at decode tiles does)
+            assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
