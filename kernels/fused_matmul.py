@@ -106,20 +106,28 @@ class MatmulBlockSizes:
             raise ValueError(f"split={self.split} must divide the {steps} contraction steps")
 
 
-def _w_tile(c_ref, s_ref, nested_ref, offset_ref, dmap_ref, table_ref, rows, cols, row0, col_block0, *,
-            quant_type, blocksize, nested_blocksize, blocks_per_row, dtype, lookup):
-    """Dequantized ``W[row0 + rows, cols]`` tile; ``rows``/``cols`` are ``pl.ds`` over the refs' local blocks."""
-    codes, raw = c_ref[rows, cols[0]], s_ref[rows, cols[1]]
+def _w_tile(w_refs, rows, byte_cols, block_cols, row0, block0, *, quant_type, blocksize, nested_blocksize,
+            blocks_per_row, dtype, lookup):
+    """The dequantized tile ``W[rows, cols]`` in ``dtype``.
+
+    ``w_refs`` are the kernel's weight refs (codes, scales, nested, offset, dmap,
+    table); ``rows`` / ``byte_cols`` / ``block_cols`` index the codes and scales
+    refs' local blocks; ``row0`` / ``block0`` are the tile's first row and first
+    scale column in the whole weight (for the nested-scale index).
+    """
+    codes_ref, scales_ref, nested_ref, offset_ref, dmap_ref, table_ref = w_refs
+    codes, raw = codes_ref[rows, byte_cols], scales_ref[rows, block_cols]
     if nested_blocksize is not None:
         r = jax.lax.broadcasted_iota(jnp.int32, raw.shape, 0)
         c = jax.lax.broadcasted_iota(jnp.int32, raw.shape, 1)
-        block = (row0 + r) * blocks_per_row + col_block0 + c
+        block = (row0 + r) * blocks_per_row + block0 + c
         raw = tiles.double_dequant_scales(raw, block, nested_ref, offset_ref, dmap_ref, nested_blocksize)
     return tiles.dequant_tile(codes, raw, quant_type=quant_type, blocksize=blocksize, lookup=lookup,
                               table_ref=table_ref, dtype=dtype)
 
 
-def _forward_kernel(x_ref, c_ref, s_ref, nested_ref, offset_ref, dmap_ref, table_ref, o_ref, *, bs, steps, **dq):
+def _forward_kernel(x_ref, *refs, bs, steps, **dq):
+    *w_refs, o_ref = refs
     bm, bn, bk, b = bs.block_m, bs.block_n, bs.block_k, dq["blocksize"]
     row0 = pl.program_id(1) * bn
     first = pl.program_id(2) * steps
@@ -127,25 +135,25 @@ def _forward_kernel(x_ref, c_ref, s_ref, nested_ref, offset_ref, dmap_ref, table
     def body(t, acc):
         kt = first + t
         x = x_ref[:, pl.ds(kt * bk, bk)]
-        cols = (pl.ds(kt * (bk // 2), bk // 2), pl.ds(kt * (bk // b), bk // b))
-        w = _w_tile(c_ref, s_ref, nested_ref, offset_ref, dmap_ref, table_ref, slice(None), cols, row0,
-                    kt * (bk // b), dtype=x.dtype, lookup=bs.lookup, **dq)
+        w = _w_tile(w_refs, slice(None), pl.ds(kt * (bk // 2), bk // 2), pl.ds(kt * (bk // b), bk // b),
+                    row0, kt * (bk // b), dtype=x.dtype, lookup=bs.lookup, **dq)
         return acc + jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _transpose_kernel(dy_ref, c_ref, s_ref, nested_ref, offset_ref, dmap_ref, table_ref, o_ref, *, bs, steps, **dq):
+def _transpose_kernel(dy_ref, *refs, bs, steps, **dq):
+    *w_refs, o_ref = refs
     bm, bn, bk, b = bs.block_m, bs.block_n, bs.block_k, dq["blocksize"]
-    col_block0 = pl.program_id(1) * (bk // b)
+    block0 = pl.program_id(1) * (bk // b)
     first = pl.program_id(2) * steps
 
     def body(t, acc):
         nt = first + t
         dy = dy_ref[:, pl.ds(nt * bn, bn)]
-        w = _w_tile(c_ref, s_ref, nested_ref, offset_ref, dmap_ref, table_ref, pl.ds(nt * bn, bn),
-                    (slice(None), slice(None)), nt * bn, col_block0, dtype=dy.dtype, lookup=bs.lookup, **dq)
+        w = _w_tile(w_refs, pl.ds(nt * bn, bn), slice(None), slice(None), nt * bn, block0,
+                    dtype=dy.dtype, lookup=bs.lookup, **dq)
         return acc + jax.lax.dot_general(dy, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bk), jnp.float32))
