@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The one GPU check: kernel tests run for real on the GPU, then the kernel benchmark,
-# whose table is printed last. Sized for the H200 of the device tool (< 8 minutes).
+# The one GPU check: kernel and optimizer tests run for real on the GPU, then the kernel
+# benchmark and the optimizer benchmark; their tables are printed last. Sized for the H200
+# of the device tool: every stage has a timeout, all together under 9.5 minutes.
 #
 #   bash scripts/gpu_check.sh            # on the GPU machine (device tool run)
 #   bash scripts/gpu_check.sh --dry-run  # anywhere, no GPU: CPU, Pallas interpret mode, tiny shapes
@@ -12,7 +13,7 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl jax-triton==0.3.1
 # Without it the triton rows say "unavailable" and everything else runs.
-# Results: $OUT (or /tmp/qlora_gpu_check) gets gpu_check.log, bench.json and bench.md.
+# Results: $OUT (or /tmp/qlora_gpu_check) gets gpu_check.log, bench.json/.md and optimizer.json/.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repo="$(pwd)"
@@ -25,8 +26,10 @@ export PYTHONUNBUFFERED=1
 if [[ "${1:-}" == "--dry-run" ]]; then
   bash scripts/setup_env.sh .venv python3 test,oracle || exit 1
   python="$repo/.venv/bin/python"
-  tests=(-m "not oracle" -x -q "$repo/tests/kernels/test_fused_matmul.py" "$repo/tests/kernels/test_dequantize_kernel.py")
+  tests=(-m "not oracle" -x -q "$repo/tests/kernels/test_fused_matmul.py" "$repo/tests/kernels/test_dequantize_kernel.py"
+         "$repo/tests/optim/test_offload.py")
   bench=(--tiny --budget-s 60)
+  opt_bench=(--tiny)
 else
   python=python3
   site=/tmp/qlora_site
@@ -38,22 +41,30 @@ else
   fi
   export PYTHONPATH="$site"
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 | tee -a "$log"
-  tests=(-m "not oracle" -q "$repo/tests/kernels")
-  bench=(--budget-s 240)
+  tests=(-m "not oracle" -q "$repo/tests/kernels" "$repo/tests/optim")
+  bench=(--budget-s 170)
+  opt_bench=(--runs 5)
 fi
 
 # The repository root must not be on sys.path (its kernels/ is not qlora_jax.kernels): run from /tmp.
 echo "[gpu_check] kernel tests" | tee -a "$log"
-(cd /tmp && timeout 300 "$python" -m pytest -c "$repo/pyproject.toml" --rootdir "$repo" -p no:cacheprovider \
+(cd /tmp && timeout 200 "$python" -m pytest -c "$repo/pyproject.toml" --rootdir "$repo" -p no:cacheprovider \
   "${tests[@]}" 2>&1) | tee -a "$log" | tail -n 25
 tests_rc=${PIPESTATUS[0]}
 
 echo "[gpu_check] benchmark" | tee -a "$log"
-(cd /tmp && timeout 400 "$python" "$repo/scripts/bench_kernels.py" "${bench[@]}" \
+(cd /tmp && timeout 270 "$python" "$repo/scripts/bench_kernels.py" "${bench[@]}" \
   --json "$out/bench.json" --markdown "$out/bench.md" 2>&1) | tee -a "$log" > "$out/bench.stdout"
 bench_rc=${PIPESTATUS[0]}
 
+echo "[gpu_check] optimizer benchmark" | tee -a "$log"
+(cd /tmp && timeout 100 "$python" "$repo/scripts/bench_optimizer.py" "${opt_bench[@]}" \
+  --json "$out/optimizer.json" --markdown "$out/optimizer.md" 2>&1) | tee -a "$log" > "$out/optimizer.stdout"
+opt_rc=${PIPESTATUS[0]}
+
 echo
-echo "[gpu_check] tests rc=$tests_rc, bench rc=$bench_rc (log: $log)"
+echo "[gpu_check] tests rc=$tests_rc, kernel bench rc=$bench_rc, optimizer bench rc=$opt_rc (log: $log)"
+if [[ -s "$out/optimizer.md" ]]; then cat "$out/optimizer.md"; else tail -n 10 "$out/optimizer.stdout"; fi
+echo
 if [[ -s "$out/bench.md" ]]; then cat "$out/bench.md"; else tail -n 30 "$out/bench.stdout"; fi
-[[ $tests_rc == 0 && $bench_rc == 0 ]]
+[[ $tests_rc == 0 && $bench_rc == 0 && $opt_rc == 0 ]]

@@ -1,0 +1,91 @@
+"""The default QLoRA optimizer: clip by global norm, AdamW (32- or 8-bit state), warmup + schedule.
+
+QLoRA's recipe (FACTS.md section 3): max grad norm 0.3, AdamW with lr 2e-4 and
+weight decay 0, a constant schedule with 3% linear warmup. Every piece is a
+field of ``OptimizerConfig``; ``make_optimizer(config, total_steps)`` builds
+
+    chain(clip_by_global_norm(max_grad_norm),          # on the device: it needs every leaf
+          offload_to_host(adamw(schedule, ...)))       # state in host memory if config.offload
+
+It is meant for the LoRA parameters alone (the ``"params"`` collection); the
+frozen base never reaches the optimizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import optax
+
+from qlora_jax.optim.adamw8bit import adamw_8bit
+from qlora_jax.optim.offload import MEMORY_KINDS, offload_to_host, top_level_group
+
+SCHEDULES = ("constant", "cosine", "linear")
+STATE_BITS = (32, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Hyperparameters of the QLoRA optimizer; defaults are the QLoRA paper's."""
+
+    learning_rate: float = 2e-4
+    schedule: str = "constant"  # after warmup: constant, cosine (to final_lr_ratio), linear (to 0)
+    warmup_ratio: float = 0.03  # fraction of total steps spent in linear warmup from 0
+    final_lr_ratio: float = 0.0  # cosine's end value, as a fraction of learning_rate
+    max_grad_norm: float | None = 0.3
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    state_bits: int = 32  # 8: blockwise 8-bit moments (bitsandbytes' 8-bit AdamW)
+    offload: bool = False  # keep the optimizer state in host memory between steps
+    offload_per_layer: bool = False  # update the offloaded state one layer at a time
+
+    def __post_init__(self):
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} is not one of {SCHEDULES}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        if not 0.0 <= self.final_lr_ratio <= 1.0:
+            raise ValueError(f"final_lr_ratio={self.final_lr_ratio} must be in [0, 1]")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm={self.max_grad_norm} must be > 0 (or None: no clipping)")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
+        if self.state_bits not in STATE_BITS:
+            raise ValueError(f"state_bits={self.state_bits} must be one of {STATE_BITS}")
+        if self.offload_per_layer and not self.offload:
+            raise ValueError("offload_per_layer=True needs offload=True")
+
+
+def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup over ``round(warmup_ratio * total_steps)`` steps, then the configured decay."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps={total_steps} must be >= 1")
+    lr = config.learning_rate
+    warmup = int(round(config.warmup_ratio * total_steps))
+    rest = max(total_steps - warmup, 1)
+    if config.schedule == "constant":
+        after = optax.constant_schedule(lr)
+    elif config.schedule == "cosine":
+        after = optax.cosine_decay_schedule(lr, rest, alpha=config.final_lr_ratio)
+    else:
+        after = optax.linear_schedule(lr, 0.0, rest)
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def make_optimizer(config: OptimizerConfig, total_steps: int, memory_kind: str = "pinned_host") -> optax.GradientTransformation:
+    """The chain of the module docstring for ``total_steps`` optimizer steps."""
+    if memory_kind not in MEMORY_KINDS:
+        raise ValueError(f"memory_kind={memory_kind!r} is not one of {MEMORY_KINDS}")
+    schedule = make_schedule(config, total_steps)
+    kw = dict(b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay)
+    adam = adamw_8bit(schedule, **kw) if config.state_bits == 8 else optax.adamw(schedule, **kw)
+    if config.offload:
+        adam = offload_to_host(adam, memory_kind, group_by=top_level_group if config.offload_per_layer else None)
+    parts = [optax.clip_by_global_norm(config.max_grad_norm)] if config.max_grad_norm is not None else []
+    return optax.chain(*parts, adam)
