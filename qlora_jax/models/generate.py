@@ -18,6 +18,7 @@ from qlora_jax.models.llama import LlamaForCausalLM, init_cache
 
 
 @functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0)  # one compile for the prompt's length, one for each new token
 def _step(model: LlamaForCausalLM, variables, tokens, cache):
     logits, cache = model.apply(variables, tokens, cache=cache)
     return logits[:, -1], cache

@@ -78,13 +78,21 @@ def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
-def make_optimizer(config: OptimizerConfig, total_steps: int, memory_kind: str = "pinned_host") -> optax.GradientTransformation:
-    """The chain of the module docstring for ``total_steps`` optimizer steps."""
+def make_optimizer(config: OptimizerConfig, total_steps: int, memory_kind: str = "pinned_host",
+                   skip_nonfinite: bool = False) -> optax.GradientTransformation:
+    """The chain of the module docstring for ``total_steps`` optimizer steps.
+
+    ``skip_nonfinite``: a step whose gradients hold NaN or Inf changes nothing
+    (zero update, state kept; ``optax.apply_if_finite`` placed inside the offload
+    wrapper, on the device, where the state is updated).
+    """
     if memory_kind not in MEMORY_KINDS:
         raise ValueError(f"memory_kind={memory_kind!r} is not one of {MEMORY_KINDS}")
     schedule = make_schedule(config, total_steps)
     kw = dict(b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay)
     adam = adamw_8bit(schedule, **kw) if config.state_bits == 8 else optax.adamw(schedule, **kw)
+    if skip_nonfinite:  # never gives up by itself: the trainer stops after too many bad steps in a row
+        adam = optax.apply_if_finite(adam, max_consecutive_errors=2**31 - 1)
     if config.offload:
         adam = offload_to_host(adam, memory_kind, group_by=top_level_group if config.offload_per_layer else None)
     parts = [optax.clip_by_global_norm(config.max_grad_norm)] if config.max_grad_norm is not None else []

@@ -1,0 +1,1 @@
+"""Training: configuration, data pipeline, train step and loop, checkpoints."""

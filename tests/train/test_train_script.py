@@ -1,0 +1,139 @@
+"""``scripts/train.py`` end to end on a tiny model: outputs, exact resume after SIGKILL, several devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from tinymodel import write_chats, write_tiny_model
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tiny")
+    return write_tiny_model(str(base / "model")), write_chats(str(base / "chats.jsonl"), 400)
+
+
+def _args(tiny, out, *extra):
+    model, chats = tiny
+    return ["--model.path", model, "--data.train_path", chats, "--data.seq_len", "64", "--data.eval_fraction", "0.1",
+            "--loop.steps", str(STEPS), "--loop.batch_size", "8", "--loop.eval_every", "4", "--loop.eval_batches", "2",
+            "--loop.sample_prompt", "hello", "--loop.sample_tokens", "6", "--checkpoint.every", "2",
+            "--checkpoint.keep", "3", "--optim.learning_rate", "3e-3", "--output.dir", str(out), *extra]
+
+
+def _env(devices: int = 1):
+    env = os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    env.pop("XLA_FLAGS", None)
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def _train(tiny, out, *extra, devices: int = 1):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *_args(tiny, out, *extra)],
+                          capture_output=True, text=True, env=_env(devices), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _losses(out) -> dict[int, float]:
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    _train(tiny, out)
+    return out
+
+
+def test_outputs(full_run):
+    out = pathlib.Path(full_run)
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == list(range(1, STEPS + 1))
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 4, 8, 12] and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert all(r["finite"] and r["tokens_per_s"] > 0 and r["lr"] > 0 for r in rows if "loss" in r)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["last_loss"] < summary["first_loss"] and "sample_before" in summary and "sample_after" in summary
+    assert (out / "loss.png").stat().st_size > 1000 and (out / "config.json").exists()
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [8, 10, 12]
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["r"] == 16
+
+
+@pytest.mark.oracle
+def test_peft_loads_the_adapter(full_run, tiny):
+    import torch
+    import transformers
+    from peft import PeftModel
+    from safetensors.numpy import load_file
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny[0], dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, os.path.join(full_run, "adapter"))
+    ours = load_file(os.path.join(full_run, "adapter", "adapter_model.safetensors"))
+    theirs = {k: v.detach().numpy() for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(theirs) == len(ours) == 2 * 7 * 2
+    for name, value in ours.items():
+        key = name.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+        np.testing.assert_array_equal(theirs[key], value)
+    assert float(np.abs(ours["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]).max()) > 0  # trained
+
+
+def test_sigkill_then_resume_gives_the_same_losses(full_run, tiny, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *_args(tiny, out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any('"step": 7,' in line for line in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(_losses(out))
+    assert killed_at < STEPS
+    # a half-written checkpoint of a later step must be ignored
+    (out / "checkpoints" / f"{STEPS - 1}.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    _train(tiny, out, "--checkpoint.resume", "true")
+    resumed, reference = _losses(out), _losses(full_run)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    assert resumed == reference  # bit for bit, step for step
+
+
+def test_several_devices_match_one(full_run, tiny, tmp_path):
+    """8 simulated devices (data 4 x fsdp 2): same losses within float32 reduction-order noise."""
+    out = tmp_path / "mesh"
+    proc = _train(tiny, out, "--mesh.data", "4", "--mesh.fsdp", "2", devices=8)
+    assert json.loads((out / "summary.json").read_text())["devices"] == 8, proc.stderr[-2000:]
+    ours, ref = _losses(out), _losses(full_run)
+    np.testing.assert_allclose([ours[s] for s in sorted(ours)], [ref[s] for s in sorted(ref)], rtol=2e-4)
+
+
+def test_resume_onto_more_devices(full_run, tiny, tmp_path):
+    """A checkpoint written on one device restores onto a mesh of eight and continues."""
+    out = tmp_path / "reshard"
+    _train(tiny, out, "--loop.steps", str(STEPS))
+    for p in (out / "checkpoints").iterdir():  # keep only the step-8 checkpoint, then go on from there
+        if p.name.isdigit() and int(p.name) > 8:
+            import shutil
+
+            shutil.rmtree(p)
+    _train(tiny, out, "--checkpoint.resume", "true", "--mesh.data", "4", "--mesh.fsdp", "2", devices=8)
+    ours, ref = _losses(out), _losses(full_run)
+    np.testing.assert_allclose([ours[s] for s in range(9, STEPS + 1)], [ref[s] for s in range(9, STEPS + 1)], rtol=2e-4)
