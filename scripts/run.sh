@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The main job, on a fresh machine: sets up .venv (idempotent), then runs it.
-# Until the trainer lands this is the quantization report on Gaussian and real
-# SmolLM2-135M weights; arguments are passed through (see --help).
+# The main job, on a fresh machine: sets up .venv (idempotent), then fine-tunes.
+# With no arguments: SmolLM2-135M-Instruct in 4 bits + LoRA on the chitchat conversations
+# (outputs in runs/default); arguments go to scripts/train.py (see --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh .venv python3 test,oracle
-exec .venv/bin/python scripts/quant_report.py "$@"
+bash scripts/setup_env.sh .venv python3 "${QLORA_JAX_EXTRAS-}"
+exec .venv/bin/python scripts/train.py "$@"

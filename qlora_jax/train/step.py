@@ -71,7 +71,7 @@ def make_train_step(model, tx: optax.GradientTransformation) -> Callable:
         denom = jnp.maximum(count, 1.0)
         loss = total / denom
         grads = jax.tree.map(lambda g: g / denom, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, StepMetrics(loss, count, grad_norm, finite)

@@ -27,7 +27,7 @@ from qlora_jax.train.config import (
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SPEC_DEFAULTS = {
-    "model": {"path": "", "dtype": "auto", "remat": "full", "backend": "auto"},
+    "model": {"path": "", "dtype": "auto", "remat": "none", "backend": "auto"},
     "quant": {"enabled": True, "quant_type": "nf4", "blocksize": 64, "double_quant": True},
     "lora": {"rank": 16, "alpha": 32.0, "dropout": 0.05, "targets": ALL, "use_rslora": False},
     "data": {"train_path": "", "eval_path": "", "eval_fraction": 0.02, "seq_len": 256, "packing": True,
@@ -35,7 +35,7 @@ SPEC_DEFAULTS = {
     "optim": {"learning_rate": 1e-3, "schedule": "constant", "warmup_ratio": 0.03, "final_lr_ratio": 0.0,
               "max_grad_norm": 0.3, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "state_bits": 32,
               "offload": False, "offload_per_layer": False},
-    "loop": {"steps": 60, "epochs": 0.0, "batch_size": 4, "grad_accum": 1, "eval_every": 20, "eval_batches": 4,
+    "loop": {"steps": 40, "epochs": 0.0, "batch_size": 4, "grad_accum": 1, "eval_every": 20, "eval_batches": 4,
              "seed": 0, "max_bad_steps": 5, "sample_prompt": "What is the capital of France?", "sample_tokens": 40},
     "checkpoint": {"every": 20, "keep": 2, "resume": False},
     "output": {"dir": "runs/default", "log_every": 1, "progress": True, "plot": True, "export_peft": True,
@@ -161,7 +161,7 @@ def test_round_trip():
         assert TrainConfig.from_dict(json.loads(json.dumps(d))) == c
     assert TrainConfig().diff(config) == {
         "model.path": ("", "m.gguf"), "lora.rank": (16, 64), "lora.targets": (ALL, ["q_proj", "o_proj"]),
-        "optim.schedule": ("constant", "cosine"), "optim.max_grad_norm": (0.3, None), "loop.steps": (60, 0),
+        "optim.schedule": ("constant", "cosine"), "optim.max_grad_norm": (0.3, None), "loop.steps": (40, 0),
         "loop.epochs": (0.0, 2.5), "output.export_merged": (False, True), "mesh.fsdp": (1, 2)}
     assert config.diff(config) == {}
 
@@ -340,7 +340,7 @@ def test_mesh_shape_errors(data, fsdp, n, message):
 
 
 def test_steps_from_epochs():
-    assert LoopSection().num_steps(1000) == 60
+    assert LoopSection().num_steps(1000) == 40
     loop = LoopSection(epochs=2.0, batch_size=4, grad_accum=2)
     assert loop.sequences_per_step == 8 and loop.num_steps(100) == 25
     assert LoopSection(epochs=0.5, steps=0, batch_size=4).num_steps(10) == 1  # at least one step
