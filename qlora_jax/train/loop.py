@@ -42,7 +42,7 @@ from qlora_jax.train.checkpoint import RunCheckpointer
 from qlora_jax.train.config import TrainConfig
 from qlora_jax.train.data import load_data
 from qlora_jax.train.mesh import batch_sharding, initialize_distributed, make_mesh, shard_tree
-from qlora_jax.train.report import MetricsLog, Progress, plot_losses
+from qlora_jax.train.report import MetricsLog, Progress, plot_losses, read_metrics
 from qlora_jax.train.step import make_eval_step, make_train_step
 
 log = logging.getLogger("qlora_jax.train")
@@ -169,7 +169,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
             train_iter.restore(data_state)
             start = latest
             log.info("resumed from step %d (%s)", latest, ckpt.directory)
-    metrics = MetricsLog(os.path.join(out, "metrics.jsonl"), truncate_after_step=start)
+    # a fresh run (start 0) drops every earlier row, its step-0 eval included; a resumed one keeps rows up to start
+    metrics = MetricsLog(os.path.join(out, "metrics.jsonl"), truncate_after_step=start if start else -1)
     summary: dict[str, Any] = {"model": model_path, "steps": total, "start_step": start, "devices": n_dev,
                                "platform": platform, "trainable": trainable_summary(variables)}
     sampling = bool(loop.sample_prompt) and loop.sample_tokens > 0
@@ -233,8 +234,6 @@ def run(config: TrainConfig) -> dict[str, Any]:
 
 
 def _loss_summary(metrics_path: str) -> dict[str, float]:
-    from qlora_jax.train.report import read_metrics
-
     rows = read_metrics(metrics_path)
     train = [r["loss"] for r in rows if "loss" in r]
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
