@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qlora_jax.quant.codebooks import code_table
+from qlora_jax.quant.codebooks import select_lookup
 
 LOOKUPS = ("select", "gather")
 
@@ -33,15 +33,6 @@ def unpack_nibbles(codes: jax.Array) -> jax.Array:
     wide = codes.astype(jnp.int32)
     r, half = wide.shape
     return jnp.stack([wide >> 4, wide & 0xF], axis=-1).reshape(r, 2 * half)
-
-
-def select_lookup(nibbles: jax.Array, quant_type: str) -> jax.Array:
-    """``table[nibbles]`` as a 4-level binary tree of 15 selects over constants (no memory reads)."""
-    level = [np.float32(v) for v in code_table(quant_type)]
-    for bit in range(4):
-        odd = ((nibbles >> bit) & 1) == 1
-        level = [jnp.where(odd, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
-    return level[0].astype(jnp.float32)
 
 
 def code_values(nibbles: jax.Array, quant_type: str, lookup: str, table_ref) -> jax.Array:

@@ -5,7 +5,8 @@
 Shapes: ``x`` is ``(..., in)``; the base ``W`` is ``(out, in)`` (PyTorch /
 bitsandbytes layout, so a quantized ``W`` is byte-compatible with bnb); ``A`` is
 ``(in, r)`` and ``B`` is ``(r, out)`` (PEFT's ``lora_A.weight`` / ``lora_B.weight``
-transposed).
+transposed). The LoRA term is ``lora_product``, whose backward keeps every large
+GEMM operand in its stored layout.
 
 Trainability is structural: ``W`` (a ``QuantizedArray`` or a float array) and the
 bias live in the ``"frozen"`` collection, so the ``"params"`` collection holds
@@ -33,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from qlora_jax.kernels import BACKENDS, quantized_matmul
+from qlora_jax.layers.lora_product import lora_product
 from qlora_jax.quant import QuantizedArray, quantize
 from qlora_jax.quant.api import check_blocksize
 from qlora_jax.quant.codebooks import check_quant_type
@@ -113,8 +115,7 @@ class QLoRADense(nn.Module):
         a = self.param("lora_a", _symmetric_uniform(bound), (in_features, self.rank), self.param_dtype)
         b = self.param("lora_b", nn.initializers.zeros, (self.rank, self.features), self.param_dtype)
         h = nn.Dropout(rate=self.dropout)(x, deterministic=deterministic)
-        delta = (h @ a.astype(self.dtype)) @ b.astype(self.dtype)
-        return y + (self.scaling * delta).astype(self.dtype)
+        return y + lora_product(h, a.astype(self.dtype), b.astype(self.dtype), self.scaling)
 
     def _init_base(self, shape):
         w = torch_linear_init(self.make_rng("params"), shape)

@@ -111,14 +111,31 @@ class Attention(_Sublayer):
             keys, values, k_pos, k_valid, new_cache = _update_cache(cache, k, v, positions)
             k_seg = None
         mask = attention_mask(positions, k_pos, segment_ids, k_seg, k_valid, c.sliding_window)
-        qg = q.reshape(b, t, c.num_key_value_heads, c.num_groups, c.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys, preferred_element_type=jnp.float32)
-        scores = scores / jnp.sqrt(jnp.float32(c.head_dim))
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(self.dtype)).reshape(b, t, -1)
+        out = grouped_attention(q, keys, values.astype(self.dtype), mask, self.dtype)
         out = self.dense(c.hidden_size, "o_proj")(out, deterministic)
         return out, new_cache
+
+
+def grouped_attention(q, keys, values, mask, dtype) -> jax.Array:
+    """Softmax attention with ``H`` query heads sharing ``KV`` key/value heads: ``(B, T, H * D)``.
+
+    ``q`` is ``(B, T, H, D)``; ``keys``/``values`` ``(B, S, KV, D)``; ``mask`` broadcasts to
+    ``(B, KV, G, T, S)`` (``G = H / KV``; query head ``h = kv * G + g``). Heads go first and
+    each KV head's ``G * T`` query rows form one matrix, so both products are plain batched
+    GEMMs over ``(B, KV)`` whose contraction runs along the stored minor dimension: on the
+    CPU this halves the attention's backward against a ``(B, T, KV, G, D)`` einsum, which
+    XLA served with transposes of the scores (docs/benchmarks.md).
+    """
+    b, t, h, d = q.shape
+    s, kv = keys.shape[1], keys.shape[2]
+    g = h // kv
+    qh = q.transpose(0, 2, 1, 3).reshape(b, kv, g * t, d)
+    kh, vh = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkrd,bksd->bkrs", qh, kh, preferred_element_type=jnp.float32).reshape(b, kv, g, t, s)
+    scores = jnp.where(mask, scores / jnp.sqrt(jnp.float32(d)), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(b, kv, g * t, s)
+    out = jnp.einsum("bkrs,bksd->bkrd", probs, vh).reshape(b, kv, g, t, d)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * d)
 
 
 def _update_cache(cache, k, v, positions):

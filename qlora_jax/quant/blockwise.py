@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax.quant._fp import true_divide
-from qlora_jax.quant.codebooks import code_table, sorted_bounds
+from qlora_jax.quant.codebooks import select_lookup, sorted_bounds
 
 
 def num_blocks(n: int, blocksize: int) -> int:
@@ -112,6 +112,5 @@ def dequantize_4bit(
     packed: jnp.ndarray, absmax: jnp.ndarray, quant_type: str, blocksize: int, n: int
 ) -> jnp.ndarray:
     """Inverse of ``quantize_4bit``: float32 ``(n,)`` values ``code[q] * absmax``."""
-    codes = unpack_nibbles(packed)
-    values = jnp.asarray(code_table(quant_type))[codes.astype(jnp.int32)]
+    values = select_lookup(unpack_nibbles(packed), quant_type)
     return scale_blocks(values, absmax, blocksize, n)

@@ -46,8 +46,10 @@ def test_accumulation_equals_one_big_batch(setup, rng):
     p2, _, m2 = step(params, tx.init(params), frozen, micro, jax.random.key(0))
     np.testing.assert_allclose(float(m1.loss), float(m2.loss), rtol=1e-6)
     assert float(m1.tokens) == float(m2.tokens) == big["loss_mask"].sum()
+    # atol = 1e-4 of the step size: Adam's first step is lr * g / (|g| + eps), so a weight whose
+    # gradient is near eps moves by an amount that the summation order of g can change
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     total, count = jax.jit(make_eval_step(model))(params, frozen, micro)
     np.testing.assert_allclose(float(total / count), float(m1.loss), rtol=1e-5)  # eval = train loss before the update
 
