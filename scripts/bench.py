@@ -337,14 +337,9 @@ def main(argv=None):
         print(f"[bench] {name}: {results[name]}", flush=True)
     text = table(results, args)
     header = f"{time.strftime('%Y-%m-%d')}, command: python scripts/bench.py {' '.join(argv or sys.argv[1:])}"
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), results=results), f, indent=1)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(header + "\n\n" + text + "\n")
-    print(header)
-    print(text)
+    from qlora_jax.train.report import publish_table
+
+    publish_table(header, text, dict(args=vars(args), results=results), args.json, args.markdown)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ warm-up; the figure is the median of 10 runs divided by ``R``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -28,6 +27,7 @@ import numpy as np
 import qlora_jax as qj
 from qlora_jax.kernels import dequantize, quantized_matmul, resolve_backend, transposed_matmul
 from qlora_jax.layers import QLoRADense, QuantConfig
+from qlora_jax.train.report import publish_table
 
 LLAMA3_8B = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)]  # (K, N): in, out features
 MATMUL_BACKENDS = ("xla", "pallas", "pallas_unfused", "triton")
@@ -186,14 +186,7 @@ def main(argv=None):
     rows += bench_layer(layer_shapes, layer_ms, reps, runs)
     text = table(rows)
     header = f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {time.strftime('%Y-%m-%d')}, {time.perf_counter() - start:.0f} s"
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=dev.device_kind, jax=jax.__version__, rows=rows), f, indent=1)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(header + "\n\n" + text + "\n")
-    print(header)
-    print(text)
+    publish_table(header, text, dict(device=dev.device_kind, jax=jax.__version__, rows=rows), args.json, args.markdown)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ offload's time cost there is the copies alone; scripts/gpu_check.sh runs it on t
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from qlora_jax.optim import OptimizerConfig, host_shardings, make_optimizer
+from qlora_jax.train.report import publish_table
 
 # (in, out) of q, k, v, o, gate, up, down in Llama-3-8B
 LLAMA3_8B_LINEAR = {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "v_proj": (4096, 1024), "o_proj": (4096, 4096),
@@ -155,14 +155,7 @@ def main(argv=None):
     rows = bench(params, 2 if args.tiny else args.runs)
     header = f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {time.strftime('%Y-%m-%d')}"
     text = table(rows, n)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=dev.device_kind, trainable=n, rows=rows), f, indent=1)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(header + "\n\n" + text + "\n")
-    print(header)
-    print(text)
+    publish_table(header, text, dict(device=dev.device_kind, trainable=n, rows=rows), args.json, args.markdown)
 
 
 if __name__ == "__main__":

@@ -95,3 +95,16 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
     fig.tight_layout()
     fig.savefig(png_path)
     plt.close(fig)
+
+
+def publish_table(header: str, text: str, payload: dict, json_path: str | None = None,
+                  markdown_path: str | None = None) -> None:
+    """A benchmark's ending: ``payload`` to ``json_path``, header + table to ``markdown_path``, both printed."""
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(payload, f, indent=1)
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(header + "\n\n" + text + "\n")
+    print(header)
+    print(text)
