@@ -1,7 +1,7 @@
 """``lora_product``: LoRA's ``s * (x @ A) @ B`` with a backward written for row-major GEMMs.
 
 Shapes: ``x`` ``(..., in)``, ``A`` ``(in, r)``, ``B`` ``(r, out)``; the result is
-``(..., out)`` in ``x.dtype``, accumulated in float32. With ``u = x @ A`` (saved
+``(..., out)`` in ``x.dtype``. With ``u = x @ A`` (saved
 from the forward, ``(M, r)``) and the incoming ``dy`` ``(M, out)``:
 
     g  = s * dy @ B.T                    (M, r)
@@ -46,21 +46,22 @@ def _forward(x, a, b, scaling):
     if x.shape[-1] != a.shape[0] or a.shape[1] != b.shape[0]:
         raise ValueError(f"lora_product: x {tuple(x.shape)}, A {tuple(a.shape)}, B {tuple(b.shape)} "
                          "do not chain as (..., in) @ (in, r) @ (r, out)")
+    # the forward's products come out in x.dtype (as ``(x @ A) @ B`` would): a remat policy that
+    # saves dots (dots_saveable) then keeps them at that size, not as float32
     x2 = x.reshape(-1, x.shape[-1])
-    u = _dot(x2, a.astype(x.dtype), _NN, x.dtype)
-    y = jax.lax.dot_general(u, b.astype(x.dtype), _NN, preferred_element_type=jnp.float32)
-    y = (y * scaling).astype(x.dtype)
-    return y.reshape(x.shape[:-1] + (b.shape[1],)), (x2, u, a, b)
+    u = jax.lax.dot_general(x2, a.astype(x.dtype), _NN)
+    y = jax.lax.dot_general(u, b.astype(x.dtype), _NN) * jnp.asarray(scaling, x.dtype)
+    # x itself (not x2) is saved: q/k/v (and gate/up) share one input, and one residual buffer
+    return y.reshape(x.shape[:-1] + (b.shape[1],)), (x, u, a, b)
 
 
 def _fwd(x, a, b, scaling):
-    y, res = _forward(x, a, b, scaling)
-    return y, (res, x.shape)
+    return _forward(x, a, b, scaling)
 
 
 def _bwd(scaling, saved, dy):
-    (x2, u, a, b), x_shape = saved
-    dt = x2.dtype
+    x, u, a, b = saved
+    x2, x_shape, dt = x.reshape(-1, x.shape[-1]), x.shape, x.dtype
     dy2 = dy.reshape(-1, dy.shape[-1]).astype(dt)
     g = (jax.lax.dot_general(dy2, b.astype(dt), _NT, preferred_element_type=jnp.float32) * scaling).astype(dt)
     db = jax.lax.dot_general(u.T, dy2, _NN, preferred_element_type=jnp.float32) * scaling
