@@ -11,7 +11,9 @@ a ``qlora_jax.memory`` preset's shape, ``--layers`` keeping the first N decoder
 layers; or any HF folder), the same random batch (seeded, never zeros; loss on
 every token) and the same recipe: LoRA r on all seven projections, AdamW,
 activation checkpointing on. Each training variant also reports how long its
-model took to load and quantize (``from_pretrained``, weights ready).
+model took to load and quantize (``from_pretrained``, weights ready); ours also
+report what ``qlora_jax.memory.plan`` predicts for the step, and on a GPU the
+measured peak device bytes over that prediction (the planner's validation).
 
 * quant-ours / quant-bnb: quantizing the seven projection matrices of
   ``--quant-layers`` decoder layers of ``--quant-model`` to NF4 with double
@@ -107,6 +109,7 @@ def run_ours(folder: str, quantized: bool, args) -> dict:
     import numpy as np
 
     from qlora_jax.layers import QuantConfig, split_trainable
+    from qlora_jax.memory import plan
     from qlora_jax.models import LoraConfig
     from qlora_jax.models.loaders import from_pretrained
     from qlora_jax.optim import OptimizerConfig, make_optimizer
@@ -136,11 +139,14 @@ def run_ours(folder: str, quantized: bool, args) -> dict:
         times.append(time.perf_counter() - t0)
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use", _peak_rss())
+    planned = plan(model.config, batch=b, seq_len=t, lora=lora, quant=QuantConfig() if quantized else None,
+                   remat="full", compute_dtype=jnp.dtype(dtype).name).device_bytes
     return dict(load_s=load_s, first_step_s=times[0], step_s=statistics.median(times[1:]), loss=loss,
-                peak_bytes=peak, peak_kind="device" if "peak_bytes_in_use" in stats else "rss")
+                peak_bytes=peak, peak_kind="device" if "peak_bytes_in_use" in stats else "rss", planned_bytes=planned)
 
 
-def run_torch(folder: str, quantized: bool, args) -> dict:
+def torch_step(folder: str, quantized: bool, args):
+    """The PyTorch reference: ``step()`` runs one training step and returns its loss; ``step.load_s``."""
     import torch
     import transformers
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -170,21 +176,33 @@ def run_torch(folder: str, quantized: bool, args) -> dict:
     ids = torch.from_numpy(_batch(model.config.vocab_size, args.batch, args.seq_len))
     device = "cuda" if gpu else "cpu"
     inputs, labels = ids[:, :-1].to(device), ids[:, 1:].to(device)
+
+    def step() -> float:
+        logits = model(input_ids=inputs).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if gpu:
+            torch.cuda.synchronize()
+        return float(loss)
+
+    step.load_s, step.gpu = load_s, gpu
+    return step
+
+
+def run_torch(folder: str, quantized: bool, args) -> dict:
+    import torch
+
+    step = torch_step(folder, quantized, args)
     times, loss = [], None
     for _ in range(args.steps + 1):
         t0 = time.perf_counter()
-        logits = model(input_ids=inputs).logits.float()
-        loss_t = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        loss_t.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss = float(loss_t)
-        if gpu:
-            torch.cuda.synchronize()
+        loss = step()
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if gpu else _peak_rss()
-    return dict(load_s=load_s, first_step_s=times[0], step_s=statistics.median(times[1:]), loss=loss,
-                peak_bytes=peak, peak_kind="device" if gpu else "rss")
+    peak = torch.cuda.max_memory_allocated() if step.gpu else _peak_rss()
+    return dict(load_s=step.load_s, first_step_s=times[0], step_s=statistics.median(times[1:]), loss=loss,
+                peak_bytes=peak, peak_kind="device" if step.gpu else "rss")
 
 
 def _projection_shapes(args) -> list[tuple[int, int]]:
@@ -254,17 +272,17 @@ def table(results: dict, args) -> str:
     """The training table, its ratios, and the quantization-speed rows, as markdown."""
     ok = lambda n: n in results and "error" not in results[n]  # noqa: E731
     lines = [f"| variant ({args.model}{f', {args.layers} layers' if args.layers else ''}, batch {args.batch} x "
-             f"{args.seq_len}, LoRA r={args.rank}, remat on) | s / step | tokens / s | peak memory | loss | load |",
-             "|---|---:|---:|---:|---:|---:|"]
+             f"{args.seq_len}, LoRA r={args.rank}, remat on) | s / step | tokens / s | peak memory | loss | load | "
+             "planner |", "|---|---:|---:|---:|---:|---:|---:|"]
     if all(n.startswith("quant-") for n in results):
         lines = []
     for name in [n for n in results if not n.startswith("quant-")]:
         r = results[name]
         if "error" in r:
-            lines.append(f"| {name} | {r['error']} | | | | |")
+            lines.append(f"| {name} | {r['error']} | | | | | |")
         else:
             lines.append(f"| {name} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['peak_bytes'] / 2**30:.2f} GiB "
-                         f"({r['peak_kind']}) | {r['loss']:.4f} | {r['load_s']:.1f} s |")
+                         f"({r['peak_kind']}) | {r['loss']:.4f} | {r['load_s']:.1f} s | {_planned(r)} |")
     for ours, theirs in (("ours-qlora", "torch-qlora"), ("ours-lora", "torch-lora"), ("ours-qlora", "ours-lora")):
         if ok(ours) and ok(theirs):
             a, b = results[ours], results[theirs]
@@ -283,6 +301,14 @@ def table(results: dict, args) -> str:
             ratio = results["quant-ours"]["layer_s"] / results["quant-bnb"]["layer_s"]
             lines.append(f"| quant-ours / quant-bnb | | {ratio:.2f}x time | | |")
     return "\n".join(lines)
+
+
+def _planned(r: dict) -> str:
+    """The memory planner's device bytes for this step, and measured / planned where the peak is device bytes."""
+    if "planned_bytes" not in r:
+        return ""
+    text = f"{r['planned_bytes'] / 2**30:.2f} GiB"
+    return text + (f" ({r['peak_bytes'] / r['planned_bytes']:.2f}x)" if r["peak_kind"] == "device" else "")
 
 
 def _unavailable(name: str) -> str | None:
