@@ -32,6 +32,7 @@ def test_error_rows_metrics(rng):
     assert format_table(list(rows.values()), "t").count("\n| ") == 7  # header + 6 rows
 
 
+@pytest.mark.e2e
 def test_report_script_on_real_gguf(capsys):
     mod = _load_script()
     if mod.default_gguf() is None:

@@ -17,8 +17,7 @@ import numpy as np
 from qlora_jax.models.llama import LlamaForCausalLM, init_cache
 
 
-@functools.partial(jax.jit, static_argnums=0)
-@functools.partial(jax.jit, static_argnums=0)  # one compile for the prompt's length, one for each new token
+@functools.partial(jax.jit, static_argnums=0)  # compiles twice: the prompt's length, then one token
 def _step(model: LlamaForCausalLM, variables, tokens, cache):
     logits, cache = model.apply(variables, tokens, cache=cache)
     return logits[:, -1], cache

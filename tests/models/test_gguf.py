@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from qlora_jax.models import LoraConfig
-from qlora_jax.models.generate import generate
 from qlora_jax.models.gguf_loader import hf_name, unpermute_rows
 from qlora_jax.models.loaders import from_pretrained
 
@@ -43,7 +42,9 @@ def _smollm2() -> str:
     return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def test_smollm2_in_nf4_answers_paris():
+def test_smollm2_loads_in_nf4_with_its_chat_template():
+    """The real GGUF in NF4 + double quant, its chat template and tokens; that it answers "Paris"
+    is the README example's assertion (tests/test_readme.py), which generates from it."""
     model, variables, tok = from_pretrained(_smollm2(), lora=LoraConfig(rank=8), dtype=jnp.float32)
     kernel = variables["frozen"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
     assert kernel.quant_type == "nf4" and kernel.shape == (576, 576) and kernel.double_quant
@@ -51,8 +52,7 @@ def test_smollm2_in_nf4_answers_paris():
     assert prompt.endswith("<|im_start|>assistant\n")
     ids = tok.encode(prompt)
     assert ids[0] == 1 and tok.decode(ids, skip_special_tokens=False) == prompt  # special tokens kept whole
-    answer = tok.decode(generate(model, variables, ids, 16, eos_id=tok.eos_id))
-    assert "Paris" in answer, answer
+    assert model.config.num_hidden_layers == 30 and tok.eos_id == 2
 
 
 def test_hf_folder_tokenizer_matches_gguf_one(tmp_path):
