@@ -56,3 +56,16 @@ def test_layers_needs_a_random_model():
         bench.main(["--layers", "2", "--variants", "ours-qlora"])
     with pytest.raises(SystemExit, match="unknown preset"):
         bench.main(["--model", "random:llama-9", "--variants", "ours-qlora"])
+
+
+def test_profile_step_groups_the_trace_by_source_op(tmp_path, capsys):
+    """scripts/profile_step.py on the tiny model: a wall time, op kinds, and rows named by source op."""
+    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "scripts" / "profile_step.py")
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+    folder = write_tiny_model(str(tmp_path / "model"))
+    prof.main(["--model", folder, "--batch", "2", "--seq-len", "16", "--rank", "4", "--top", "8"])
+    out = capsys.readouterr().out
+    assert "s per call (wall)" in out and "by kind:" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and " ms |" in line]
+    assert len(rows) == 8 and any("layers_N" in r for r in rows)  # per-layer ops folded together
