@@ -39,8 +39,11 @@ def token_losses(model, variables, batch, rng, deterministic: bool):
     """``(sum of masked nll, count of masked tokens)`` of one micro-batch ``(B, T)`` arrays."""
     logits = model.apply(variables, batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"],
                          deterministic=deterministic, rngs=None if deterministic else {"dropout": rng})
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    logits = logits.astype(jnp.float32)
+    # logsumexp - target logit: the same nll as -log_softmax[target], without a (B, T, vocab)
+    # log-probability array whose gradient scatters into zeros (15% of the head's step on the CPU)
+    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
     mask = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(nll * mask), jnp.sum(mask)
 
