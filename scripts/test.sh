@@ -9,9 +9,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # pytest, not `python -m pytest`: the latter puts the repository root on sys.path (see pyproject).
+# Two pytest workers (QLORA_TEST_WORKERS), one test file each at a time: most tests are bound by
+# XLA's single-threaded compile, so two processes on two cores take about 0.7x the time of one.
+workers=(-n "${QLORA_TEST_WORKERS:-2}" --dist loadfile)
 
 bash scripts/setup_env.sh .venv python3 test,oracle
-QLORA_JAX_REQUIRE_ORACLES=1 .venv/bin/pytest -q "$@"
+QLORA_JAX_REQUIRE_ORACLES=1 .venv/bin/pytest -q "${workers[@]}" "$@"
 
 py312=""
 if command -v python3.12 >/dev/null 2>&1 && python3.12 --version >/dev/null 2>&1; then
@@ -22,7 +25,7 @@ fi
 if [[ -n "$py312" ]]; then
   echo "[test] second pass: $($py312 --version) with jax 0.11.2 (tests that need no torch)"
   bash scripts/setup_env.sh .venv312 "$(command -v $py312)" test 0.11.2
-  .venv312/bin/pytest -q -m "not oracle and not e2e" "$@"
+  .venv312/bin/pytest -q "${workers[@]}" -m "not oracle and not e2e" "$@"
 else
   echo "[test] no Python 3.12 found: skipped the jax 0.11.2 pass"
 fi
