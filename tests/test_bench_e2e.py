@@ -69,3 +69,14 @@ def test_profile_step_groups_the_trace_by_source_op(tmp_path, capsys):
     assert "s per call (wall)" in out and "by kind:" in out
     rows = [line for line in out.splitlines() if line.startswith("| ") and " ms |" in line]
     assert len(rows) == 8 and any("layers_N" in r for r in rows)  # per-layer ops folded together
+
+
+def test_cpu_parts_compare_each_fix_with_what_it_replaced(capsys):
+    """scripts/bench_cpu_parts.py: four rows, old and new formulations agree numerically."""
+    spec = importlib.util.spec_from_file_location("bench_cpu_parts", ROOT / "scripts" / "bench_cpu_parts.py")
+    parts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(parts)
+    parts.main(["--runs", "1"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and " ms |" in line]
+    assert len(rows) == 4
+    assert all(float(r[-2]) < 1e-5 for r in rows), rows  # max relative difference, new against old

@@ -122,9 +122,9 @@ def grouped_attention(q, keys, values, mask, dtype) -> jax.Array:
     ``q`` is ``(B, T, H, D)``; ``keys``/``values`` ``(B, S, KV, D)``; ``mask`` broadcasts to
     ``(B, KV, G, T, S)`` (``G = H / KV``; query head ``h = kv * G + g``). Heads go first and
     each KV head's ``G * T`` query rows form one matrix, so both products are plain batched
-    GEMMs over ``(B, KV)`` whose contraction runs along the stored minor dimension: on the
-    CPU this halves the attention's backward against a ``(B, T, KV, G, D)`` einsum, which
-    XLA served with transposes of the scores (docs/benchmarks.md).
+    GEMMs over ``(B, KV)`` whose contraction runs along the stored minor dimension; a
+    ``(B, T, KV, G, D)`` einsum made XLA transpose the scores (``scripts/bench_cpu_parts.py``:
+    0.83x its time for a SmolLM2 layer's forward + backward on the CPU).
     """
     b, t, h, d = q.shape
     s, kv = keys.shape[1], keys.shape[2]

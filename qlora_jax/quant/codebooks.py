@@ -93,9 +93,9 @@ def dynamic_map(signed: bool = True) -> np.ndarray:
 def select_lookup(nibbles, quant_type: str):
     """``code_table(quant_type)[nibbles]`` in float32 as a 4-level tree of 15 selects over constants.
 
-    No table read: on the CPU this is 1.5x faster than XLA's gather from a
-    16-entry table (0.48 against 0.71 ms for a 1536 x 576 weight), and inside a
-    Pallas kernel a gather from a loaded vector does not lower at all.
+    No table read: inside a Pallas kernel a gather from a loaded vector does not
+    lower at all, and on the CPU it is as fast as XLA's gather or slightly faster
+    (``scripts/bench_cpu_parts.py``), so the reference and the kernels share it.
     """
     level = [np.float32(v) for v in code_table(quant_type)]
     for bit in range(4):

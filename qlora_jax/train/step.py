@@ -41,7 +41,8 @@ def token_losses(model, variables, batch, rng, deterministic: bool):
                          deterministic=deterministic, rngs=None if deterministic else {"dropout": rng})
     logits = logits.astype(jnp.float32)
     # logsumexp - target logit: the same nll as -log_softmax[target], without a (B, T, vocab)
-    # log-probability array whose gradient scatters into zeros (15% of the head's step on the CPU)
+    # log-probability array whose gradient scatters into zeros (0.89x the head's time on the CPU:
+    # scripts/bench_cpu_parts.py)
     target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
     nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
     mask = batch["loss_mask"].astype(jnp.float32)
