@@ -70,9 +70,9 @@ def smollm2_hf_folder(cache: str) -> str:
 
 def model_folder(args) -> str:
     """The HF folder the training variants load: smollm2, ``random:PRESET`` (written once) or a path."""
+    if args.layers and not args.model.startswith("random:"):
+        raise SystemExit("--layers applies to random:PRESET models only")
     if args.model == "smollm2":
-        if args.layers:
-            raise SystemExit("--layers applies to random:PRESET models only")
         return smollm2_hf_folder(args.cache)
     if args.model.startswith("random:"):
         import dataclasses
@@ -87,8 +87,6 @@ def model_folder(args) -> str:
         layers = args.layers or config.num_hidden_layers
         config = dataclasses.replace(config, num_hidden_layers=layers)
         return write_synthetic_folder(config, os.path.join(args.cache, f"random-{preset}-L{layers}-seed0"))
-    if args.layers:
-        raise SystemExit("--layers applies to random:PRESET models only")
     return args.model
 
 
@@ -222,7 +220,8 @@ def run_quant(ours: bool, args) -> dict:
     from qlora_jax.memory import PRESETS
 
     rng = np.random.default_rng(0)
-    host = [rng.standard_normal(s, dtype=np.float32) * np.float32(0.02) for s in _projection_shapes(args)]
+    shapes = _projection_shapes(args)
+    host = [rng.standard_normal(s, dtype=np.float32) * np.float32(0.02) for s in shapes]
     if ours:
         import jax
         import jax.numpy as jnp
@@ -254,7 +253,7 @@ def run_quant(ours: bool, args) -> dict:
             times.append(time.perf_counter() - t0)
     per_layer = statistics.median(times)
     layers = PRESETS[args.quant_model].num_hidden_layers
-    weights = sum(int(np.prod(s)) for s in _projection_shapes(args))
+    weights = sum(int(np.prod(s)) for s in shapes)
     return dict(layer_s=per_layer, model_s=per_layer * layers, weights_per_s=weights / per_layer, device=device)
 
 
@@ -313,9 +312,8 @@ def _planned(r: dict) -> str:
 
 def _unavailable(name: str) -> str | None:
     """Why a variant cannot run here (a missing package), or None."""
-    needs = {"torch": ("torch", "transformers", "peft"), "quant-bnb": ("torch", "bitsandbytes")}
-    key = "quant-bnb" if name == "quant-bnb" else "torch" if name.startswith("torch") else None
-    wanted = needs.get(key, ()) + (("bitsandbytes",) if name == "torch-qlora" else ())
+    wanted = {"torch-qlora": ("torch", "transformers", "peft", "bitsandbytes"),
+              "torch-lora": ("torch", "transformers", "peft"), "quant-bnb": ("torch", "bitsandbytes")}.get(name, ())
     missing = [m for m in wanted if importlib.util.find_spec(m) is None]
     return f"unavailable: {', '.join(missing)} not installed" if missing else None
 

@@ -55,10 +55,6 @@ def _forward(x, a, b, scaling):
     return y.reshape(x.shape[:-1] + (b.shape[1],)), (x, u, a, b)
 
 
-def _fwd(x, a, b, scaling):
-    return _forward(x, a, b, scaling)
-
-
 def _bwd(scaling, saved, dy):
     x, u, a, b = saved
     x2, x_shape, dt = x.reshape(-1, x.shape[-1]), x.shape, x.dtype
@@ -70,4 +66,4 @@ def _bwd(scaling, saved, dy):
     return dx.reshape(x_shape), da.astype(a.dtype), db.astype(b.dtype)
 
 
-lora_product.defvjp(_fwd, _bwd)
+lora_product.defvjp(_forward, _bwd)
