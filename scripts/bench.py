@@ -97,6 +97,11 @@ def _batch(vocab: int, batch: int, seq: int, seed: int = 0):
     return rng.integers(1, vocab, (batch, seq + 1)).astype(np.int64)
 
 
+def compute_dtype(args, gpu: bool) -> str:
+    """``--dtype``, where ``auto`` is bfloat16 on a GPU and float32 on a CPU (both stacks use the same)."""
+    return args.dtype if args.dtype != "auto" else ("bfloat16" if gpu else "float32")
+
+
 def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -113,8 +118,7 @@ def run_ours(folder: str, quantized: bool, args) -> dict:
     from qlora_jax.optim import OptimizerConfig, make_optimizer
     from qlora_jax.train.step import make_train_step
 
-    gpu = jax.default_backend() != "cpu"
-    dtype = jnp.bfloat16 if gpu else jnp.float32
+    dtype = jnp.dtype(compute_dtype(args, jax.default_backend() != "cpu"))
     lora = LoraConfig(rank=args.rank, alpha=2.0 * args.rank, dropout=0.0, targets=TARGETS)
     t0 = time.perf_counter()
     model, variables, _ = from_pretrained(folder, quantization=QuantConfig() if quantized else None, lora=lora,
@@ -151,7 +155,7 @@ def torch_step(folder: str, quantized: bool, args):
 
     torch.manual_seed(0)
     gpu = torch.cuda.is_available()
-    dtype = torch.bfloat16 if gpu else torch.float32
+    dtype = getattr(torch, compute_dtype(args, gpu))
     kw = {}
     if quantized:
         kw["quantization_config"] = transformers.BitsAndBytesConfig(
@@ -170,6 +174,9 @@ def torch_step(folder: str, quantized: bool, args):
         model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
                                              target_modules=list(TARGETS), task_type="CAUSAL_LM"))
+    # from_pretrained returns the model in eval mode, where transformers skips gradient
+    # checkpointing; train mode turns it on (dropout is 0 everywhere, so nothing else changes).
+    model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
     ids = torch.from_numpy(_batch(model.config.vocab_size, args.batch, args.seq_len))
     device = "cuda" if gpu else "cpu"
@@ -329,6 +336,8 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                    help="compute dtype of both stacks (auto: bfloat16 on a GPU, float32 on a CPU)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--cache", default=".cache/bench")
     ap.add_argument("--json")

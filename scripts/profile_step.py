@@ -2,6 +2,7 @@
 
     python scripts/profile_step.py [--model smollm2|PATH] [--batch 4] [--seq-len 256] [--rank 16]
                                    [--remat none|full] [--float] [--top 30] [--torch]
+                                   [--dtype auto|float32|bfloat16]
 
 Compiles ``jax.grad`` of the masked next-token loss (``qlora_jax.train.step``) for
 the same model, batch and LoRA recipe as ``scripts/bench.py``, runs it twice under
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import TARGETS, _batch, model_folder  # noqa: E402  (the same model and batch as the benchmark)
+from bench import TARGETS, _batch, compute_dtype, model_folder  # noqa: E402  (the same model and batch as the benchmark)
 
 from qlora_jax.layers import QuantConfig, merge, split_trainable  # noqa: E402
 from qlora_jax.models import LoraConfig  # noqa: E402
@@ -106,11 +107,13 @@ def main(argv=None):
     ap.add_argument("--remat", default="none", choices=("none", "full"))
     ap.add_argument("--float", action="store_true", help="unquantized (bf16-stored) base instead of NF4")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                    help="compute dtype (auto: bfloat16 on a GPU, float32 on a CPU), as bench.py")
     ap.add_argument("--torch", action="store_true", help="profile the PyTorch QLoRA step instead")
     args = ap.parse_args(argv)
     if args.torch:
         return profile_torch(args)
-    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    dtype = jnp.dtype(compute_dtype(args, jax.default_backend() != "cpu"))
     lora = LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=TARGETS)
     model, variables, _ = from_pretrained(model_folder(args), quantization=None if args.float else QuantConfig(),
                                           lora=lora, dtype=dtype, key=jax.random.key(0), remat=args.remat)

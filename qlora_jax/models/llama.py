@@ -18,6 +18,7 @@ map ``model.layers.3.self_attn.q_proj.weight`` by rule.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 from qlora_jax.kernels import BACKENDS
 from qlora_jax.layers import FROZEN, QLoRADense, QuantConfig
 from qlora_jax.models.config import LlamaConfig
+from qlora_jax.models.remat import remat_layer
 from qlora_jax.models.rope import apply_rope, inv_frequencies
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -206,8 +208,12 @@ class LlamaForCausalLM(nn.Module):
             layer_cls = nn.remat(DecoderLayer, policy=policy, static_argnums=(5,))
         new_cache = []
         for i in range(c.num_hidden_layers):
-            h, layer_cache = layer_cls(c, self.lora, self.quant, self.dtype, self.backend, name=f"layers_{i}")(
-                h, positions, segment_ids, None if cache is None else cache[i], deterministic)
+            layer = layer_cls(c, self.lora, self.quant, self.dtype, self.backend, name=f"layers_{i}")
+            if self.remat != "none" and cache is None:
+                call = functools.partial(_layer_output, deterministic=deterministic)
+                h, layer_cache = remat_layer(layer, h, positions, segment_ids, call=call), None
+            else:
+                h, layer_cache = layer(h, positions, segment_ids, None if cache is None else cache[i], deterministic)
             new_cache.append(layer_cache)
         h = RMSNorm(c.rms_norm_eps, name="norm")(h)
         if c.tie_word_embeddings:
@@ -221,6 +227,11 @@ class LlamaForCausalLM(nn.Module):
         """A fresh ``(vocab, hidden)`` bf16 table, N(0, 0.02^2), for a model built without weights."""
         shape = (self.config.vocab_size, self.config.hidden_size)
         return (jax.random.normal(self.make_rng("params"), shape, jnp.float32) * 0.02).astype(jnp.bfloat16)
+
+
+def _layer_output(layer, h, positions, segment_ids, deterministic):
+    """A decoder layer's hidden-state output without a KV cache (what ``remat_layer`` recomputes)."""
+    return layer(h, positions, segment_ids, None, deterministic)[0]
 
 
 def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=jnp.bfloat16) -> list[dict[str, jax.Array]]:

@@ -1,0 +1,79 @@
+"""``remat_layer``: same values and gradients as no remat, and the memory remat promises on this jaxlib too."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qlora_jax.layers import QuantConfig, split_trainable
+from qlora_jax.models import LlamaConfig, LlamaForCausalLM, LoraConfig, variables_from_tensors
+from qlora_jax.models.remat import tie_to_cotangent
+from qlora_jax.models.weights import expected_shapes
+
+CFG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=256, num_hidden_layers=6,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+def _variables(rng, lora):
+    tensors = {n: (rng.standard_normal(s) * 0.1 + (1.0 if "norm" in n else 0.0)).astype(np.float32)
+               for n, s in expected_shapes(CFG).items()}
+    v = variables_from_tensors(CFG, tensors.items(), quant=QuantConfig(), lora=lora, base_dtype=jnp.float32)
+    v["params"] = jax.tree_util.tree_map(lambda p: p + 0.05, v["params"])  # non-zero B, so LoRA matters
+    return v
+
+
+@pytest.mark.parametrize("first", [0.5, np.nan, np.inf])
+def test_tie_keeps_every_value(rng, first):
+    tree = {"x": jnp.asarray(rng.standard_normal((3, 5)), jnp.float32),
+            "codes": jnp.asarray(rng.integers(0, 256, 40), jnp.uint8),
+            "pos": jnp.asarray(rng.integers(-9, 9, 7), jnp.int32),
+            "w": jnp.asarray(rng.standard_normal(6), jnp.bfloat16),
+            "key": jax.random.key(3), "none": None}
+    g = jnp.asarray(rng.standard_normal((2, 4)), jnp.float32).at[0, 0].set(first)
+    out = jax.jit(tie_to_cotangent)(tree, g)
+    for name in ("x", "codes", "pos", "w"):
+        assert out[name].dtype == tree[name].dtype
+        np.testing.assert_array_equal(np.asarray(out[name]), np.asarray(tree[name]))
+    np.testing.assert_array_equal(jax.random.key_data(out["key"]), jax.random.key_data(tree["key"]))
+    assert out["none"] is None
+
+
+def test_dropout_masks_are_the_same_in_the_recomputation(rng):
+    lora = LoraConfig(rank=4, dropout=0.3)
+    v = _variables(rng, lora)
+    params, rest = split_trainable(v)
+    tokens = jnp.asarray(rng.integers(0, 128, (2, 9)))
+    key = jax.random.key(7)
+
+    def loss(model):
+        return lambda p: model.apply({"params": p, **rest}, tokens, deterministic=False, rngs={"dropout": key}).sum()
+
+    none = LlamaForCausalLM(CFG, lora, dtype=jnp.float32)
+    full = LlamaForCausalLM(CFG, lora, dtype=jnp.float32, remat="full")
+    l1, g1 = jax.value_and_grad(loss(none))(params)
+    l2, g2 = jax.value_and_grad(loss(full))(params)
+    np.testing.assert_allclose(float(l2), float(l1), rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+
+
+def test_remat_full_frees_the_activations(rng):
+    """XLA's temporaries for the gradient: remat full needs a fraction of remat none's.
+
+    Measured (6 layers, batch 4 x 256, f32): none 133.5 MB; full 27.1 MB with ``remat_layer``
+    on jax 0.10.2 (26.9 MB on 0.11.2). Plain ``nn.remat`` without the tie: 129.7 MB on
+    0.10.2 (no saving), 26.9 MB on 0.11.2.
+    """
+    lora = LoraConfig(rank=4)
+    params, rest = split_trainable(_variables(rng, lora))
+    tokens = jax.ShapeDtypeStruct((4, 256), jnp.int32)
+
+    def temp(remat):
+        model = LlamaForCausalLM(CFG, lora, dtype=jnp.float32, remat=remat)
+        grad = jax.jit(jax.grad(lambda p, t: model.apply({"params": p, **rest}, t).mean()))
+        return grad.lower(params, tokens).compile().memory_analysis().temp_size_in_bytes
+
+    none, full = temp("none"), temp("full")
+    assert full < 0.4 * none, (full, none)
