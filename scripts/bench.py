@@ -192,7 +192,7 @@ def torch_step(folder: str, quantized: bool, args):
             torch.cuda.synchronize()
         return float(loss)
 
-    step.load_s, step.gpu = load_s, gpu
+    step.load_s, step.gpu, step.model = load_s, gpu, model
     return step
 
 

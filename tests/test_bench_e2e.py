@@ -48,6 +48,23 @@ def test_random_model_and_quantization_speed(tmp_path, capsys):
     assert "| quant-ours / quant-bnb |" in printed and "| ours-qlora / torch-qlora |" in printed
 
 
+@pytest.mark.oracle
+def test_torch_reference_recomputes_each_layer(tmp_path):
+    """The PyTorch step checkpoints as ours does: each layer's projections run forward twice per step."""
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    folder = write_tiny_model(str(tmp_path / "model"))
+    args = bench.argparse.Namespace(batch=2, seq_len=16, rank=4, dtype="auto")
+    step = bench.torch_step(folder, False, args)
+    layers = step.model.base_model.model.model.layers
+    calls = []
+    for layer in layers:  # a projection inside the layer: the recompute may stop before the layer's own hooks
+        layer.self_attn.q_proj.register_forward_pre_hook(lambda *_: calls.append(1))
+    loss = step()
+    assert loss > 0 and len(calls) == 2 * len(layers), (len(calls), len(layers))
+
+
 def test_layers_needs_a_random_model():
     spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
     bench = importlib.util.module_from_spec(spec)
