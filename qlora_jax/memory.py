@@ -35,7 +35,9 @@ o/gate/up/down and the scores in float32), and ``8n``. The head adds ``n * (4V +
 (log-softmax, final norm, targets).
 
     saved     = sum over the layers + head
-    transient = max(3 * n * V * 4,                       logits, d log-softmax, d logits (float32)
+    transient = max(3 * n * V * 4 [+ V * d * c],         logits, d log-softmax, d logits (float32),
+                                                         the head in the compute dtype when the
+                                                         table is stored in another
                     layer_bwd [+ layer if remat])        one layer's backward (and its recompute)
     layer_bwd = 8 * B * H * T^2 + 8 * n * F + c * max(out * in)   score and MLP gradients, one
                                                                   dequantized weight
@@ -163,9 +165,10 @@ def _layer0_projections(config: LlamaConfig) -> dict[str, tuple[int, int]]:
 
 
 def activation_bytes(config: LlamaConfig, batch: int, seq_len: int, lora: LoraConfig, remat: str,
-                     compute_dtype="bfloat16") -> tuple[int, int]:
+                     compute_dtype="bfloat16", base_dtype="bfloat16") -> tuple[int, int]:
     """``(saved, transient)`` activation bytes of one micro-batch; the formulas are the module docstring's."""
     c, cb, n = config, _bytes("compute_dtype", compute_dtype), batch * seq_len
+    head_copy = c.vocab_size * c.hidden_size * cb if jnp.dtype(compute_dtype) != jnp.dtype(base_dtype) else 0
     d, f, h, heads, kv = c.hidden_size, c.intermediate_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
     shapes = _layer0_projections(c)
     targets = [t for t in ALL_TARGETS if lora.rank > 0 and t in lora.targets]
@@ -189,7 +192,7 @@ def activation_bytes(config: LlamaConfig, batch: int, seq_len: int, lora: LoraCo
         per = n * (cb * (d + heads * h + lora_out) + 4 * (2 * d + 2 * f)) + 4 * scores
         saved = c.num_hidden_layers * per + 8 * n + head
     layer_bwd = 8 * scores + 8 * n * f + cb * max(o * i for o, i in shapes.values())
-    transient = max(3 * n * c.vocab_size * 4, layer_bwd + (0 if remat == "none" else layer))
+    transient = max(3 * n * c.vocab_size * 4 + head_copy, layer_bwd + (0 if remat == "none" else layer))
     return saved, transient
 
 
@@ -223,7 +226,7 @@ def plan(config: LlamaConfig, *, batch: int, seq_len: int, lora: LoraConfig = Lo
             unquantized += size * (4 if name.endswith("norm.weight") else base)
     count = sum(lora_sizes)
     state = sum(adam_state_bytes(s, optimizer) for s in lora_sizes) + STEP_COUNTER_BYTES
-    saved, transient = activation_bytes(config, batch, seq_len, lora, remat, compute_dtype)
+    saved, transient = activation_bytes(config, batch, seq_len, lora, remat, compute_dtype, base_dtype)
     return MemoryPlan(codes, scales, nested, unquantized, 4 * count, 4 * count, state, bool(offload), saved, transient,
                       4 * count + (state if offload else 0), count, base_count)
 
