@@ -120,8 +120,9 @@ def run_ours(folder: str, quantized: bool, args) -> dict:
 
     dtype = jnp.dtype(compute_dtype(args, jax.default_backend() != "cpu"))
     lora = LoraConfig(rank=args.rank, alpha=2.0 * args.rank, dropout=0.0, targets=TARGETS)
+    quant = QuantConfig() if quantized else None
     t0 = time.perf_counter()
-    model, variables, _ = from_pretrained(folder, quantization=QuantConfig() if quantized else None, lora=lora,
+    model, variables, _ = from_pretrained(folder, quantization=quant, lora=lora,
                                           dtype=dtype, key=jax.random.key(0), remat="full")
     load_s = time.perf_counter() - t0  # from_pretrained waits for every tensor's conversion
     params, frozen = split_trainable(variables)
@@ -141,8 +142,8 @@ def run_ours(folder: str, quantized: bool, args) -> dict:
         times.append(time.perf_counter() - t0)
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use", _peak_rss())
-    planned = plan(model.config, batch=b, seq_len=t, lora=lora, quant=QuantConfig() if quantized else None,
-                   remat="full", compute_dtype=jnp.dtype(dtype).name).device_bytes
+    planned = plan(model.config, batch=b, seq_len=t, lora=lora, quant=quant, remat="full",
+                   compute_dtype=jnp.dtype(dtype).name).device_bytes
     return dict(load_s=load_s, first_step_s=times[0], step_s=statistics.median(times[1:]), loss=loss,
                 peak_bytes=peak, peak_kind="device" if "peak_bytes_in_use" in stats else "rss", planned_bytes=planned)
 

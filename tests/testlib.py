@@ -23,6 +23,14 @@ TOL = {
 }
 
 
+def random_llama_tensors(rng: np.random.Generator, config) -> dict[str, np.ndarray]:
+    """Every HF tensor ``config`` needs, float32 N(0, 0.1^2), norm weights around 1 (never zeros)."""
+    from qlora_jax.models.weights import expected_shapes
+
+    return {n: (rng.standard_normal(s) * 0.1 + (1.0 if "norm" in n else 0.0)).astype(np.float32)
+            for n, s in expected_shapes(config).items()}
+
+
 def rel_err(a, b) -> float:
     """``||a - b|| / ||b||`` in float64."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

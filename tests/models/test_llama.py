@@ -9,19 +9,14 @@ import pytest
 
 from qlora_jax.layers import QuantConfig, merge, split_trainable, trainable_summary
 from qlora_jax.models import LlamaConfig, LlamaForCausalLM, LoraConfig, init_cache, variables_from_tensors
-from qlora_jax.models.weights import expected_shapes
+from testlib import random_llama_tensors
 
 CFG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 
 
-def _random_tensors(rng, cfg=CFG):
-    return {n: (rng.standard_normal(s) * 0.1 + (1.0 if "norm" in n else 0.0)).astype(np.float32)
-            for n, s in expected_shapes(cfg).items()}
-
-
 def _model_and_vars(rng, quant=QuantConfig(), lora=LoraConfig(rank=4), **kw):
-    v = variables_from_tensors(CFG, _random_tensors(rng).items(), quant=quant, lora=lora, base_dtype=jnp.float32)
+    v = variables_from_tensors(CFG, random_llama_tensors(rng, CFG).items(), quant=quant, lora=lora, base_dtype=jnp.float32)
     v["params"] = jax.tree_util.tree_map(lambda p: p + 0.05, v["params"])  # non-zero B, so LoRA matters
     return LlamaForCausalLM(CFG, lora, quant=quant, dtype=jnp.float32, **kw), v
 
@@ -74,7 +69,7 @@ def test_lora_targets_and_trainable_fraction(rng):
 
 
 def test_loading_errors_name_tensors(rng):
-    tensors = _random_tensors(rng)
+    tensors = random_llama_tensors(rng, CFG)
     bad = dict(tensors)
     bad["model.layers.0.mlp.up_proj.weight"] = np.zeros((128, 32), np.float32)
     with pytest.raises(ValueError, match=r"model.layers.0.mlp.up_proj.weight has shape \(128, 32\), the config needs \(128, 64\)"):

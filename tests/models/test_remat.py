@@ -10,16 +10,14 @@ import pytest
 from qlora_jax.layers import QuantConfig, split_trainable
 from qlora_jax.models import LlamaConfig, LlamaForCausalLM, LoraConfig, variables_from_tensors
 from qlora_jax.models.remat import tie_to_cotangent
-from qlora_jax.models.weights import expected_shapes
+from testlib import random_llama_tensors
 
 CFG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=256, num_hidden_layers=6,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 
 
 def _variables(rng, lora):
-    tensors = {n: (rng.standard_normal(s) * 0.1 + (1.0 if "norm" in n else 0.0)).astype(np.float32)
-               for n, s in expected_shapes(CFG).items()}
-    v = variables_from_tensors(CFG, tensors.items(), quant=QuantConfig(), lora=lora, base_dtype=jnp.float32)
+    v = variables_from_tensors(CFG, random_llama_tensors(rng, CFG).items(), quant=QuantConfig(), lora=lora, base_dtype=jnp.float32)
     v["params"] = jax.tree_util.tree_map(lambda p: p + 0.05, v["params"])  # non-zero B, so LoRA matters
     return v
 

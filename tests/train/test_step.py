@@ -9,9 +9,9 @@ import pytest
 
 from qlora_jax.layers import QuantConfig, split_trainable
 from qlora_jax.models import LlamaConfig, LlamaForCausalLM, LoraConfig, variables_from_tensors
-from qlora_jax.models.weights import expected_shapes
 from qlora_jax.optim import OptimizerConfig, make_optimizer
 from qlora_jax.train.step import make_eval_step, make_train_step
+from testlib import random_llama_tensors
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -19,10 +19,8 @@ CFG = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidd
 
 @pytest.fixture
 def setup(rng):
-    tensors = {n: (rng.standard_normal(s) * 0.1 + (1.0 if "norm" in n else 0.0)).astype(np.float32)
-               for n, s in expected_shapes(CFG).items()}
     lora = LoraConfig(rank=4)
-    v = variables_from_tensors(CFG, tensors.items(), quant=QuantConfig(), lora=lora, base_dtype=jnp.float32)
+    v = variables_from_tensors(CFG, random_llama_tensors(rng, CFG).items(), quant=QuantConfig(), lora=lora, base_dtype=jnp.float32)
     model = LlamaForCausalLM(CFG, lora, quant=QuantConfig(), dtype=jnp.float32)
     params, frozen = split_trainable(v)
     params = jax.tree.map(lambda p: p + 0.01, params)
