@@ -9,7 +9,7 @@ alternately in the same process, with the new/old ratio:
 
 * LoRA: autodiff of ``s * (x @ A) @ B`` against ``lora_product`` (its own VJP), in
   a two-projection NF4 MLP block ``W2(silu(h) * h), h = W1 x`` with LoRA on both;
-* attention: the 5-D ``btkgd,bskd->bkgts`` einsum against ``grouped_attention``;
+* attention: the 5-D ``btkgd,bskd->bkgts`` einsum against the heads-first ``reference_attention``;
 * NF4 lookup: dequantizing a 1536 x 576 weight with a 16-entry gather against the
   select tree (forward only);
 * loss: ``-log_softmax(logits)[target]`` against ``logsumexp - target logit``,
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from qlora_jax.kernels import quantized_matmul
 from qlora_jax.layers.lora_product import lora_product
-from qlora_jax.models.llama import attention_mask, grouped_attention
+from qlora_jax.models.attention import reference_attention, visible
 from qlora_jax.quant import blockwise, quantize
 from qlora_jax.quant.codebooks import code_table
 
@@ -69,7 +69,7 @@ def attention_case(key):
                 jax.random.normal(k[2], (B, T, KV, HD)))
     w = jax.random.normal(k[3], (B, T, H * HD))
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-    mask = attention_mask(pos, pos)
+    mask = visible(pos, pos)[:, None, None]
 
     def einsum_5d(q, kk, v):
         qg = q.reshape(B, T, KV, H // KV, HD)
@@ -80,7 +80,7 @@ def attention_case(key):
     def grad(attend):
         return jax.jit(jax.grad(lambda q, kk, v: jnp.sum(attend(q, kk, v) * w), argnums=(0, 1, 2)))
 
-    return grad(einsum_5d), grad(lambda q, kk, v: grouped_attention(q, kk, v, mask, jnp.float32)), (q, kk, v)
+    return grad(einsum_5d), grad(lambda q, kk, v: reference_attention(q, kk, v, q_positions=pos, kv_positions=pos).reshape(B, T, -1)), (q, kk, v)
 
 
 def lookup_case(key):

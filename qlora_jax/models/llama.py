@@ -5,10 +5,12 @@
     h   = h + down_proj(silu(gate_proj(n2(h))) * up_proj(n2(h)))
     logits = lm_head(norm(h))      (lm_head = embed.T when embeddings are tied)
 
-Shapes: tokens ``(B, T)`` int; logits ``(B, T, vocab)`` float32. Attention is
-grouped-query (``H`` query heads share ``KV`` key/value heads), causal, and with
-``segment_ids`` a token attends only within its own segment (packed sequences).
-RMSNorm math is float32. Every projection is a ``QLoRADense``; embeddings, norms
+Shapes: tokens ``(B, T)`` int; logits ``(B, T, vocab)`` float32 (or, with
+``return_hidden=True``, the normed ``(B, T, hidden)`` states that the chunked loss
+takes with ``head_table``). Attention goes through ``qlora_jax.models.attention``
+(``attention=`` picks the implementation): grouped-query (``H`` query heads share
+``KV`` key/value heads), causal, and with ``segment_ids`` a token attends only
+within its own segment (packed sequences). RMSNorm math is float32. Every projection is a ``QLoRADense``; embeddings, norms
 and the head live in the ``"frozen"`` collection, unquantized.
 
 Variable names mirror Hugging Face's (``layers_3/self_attn/q_proj``), so loaders
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 
 from qlora_jax.kernels import BACKENDS
 from qlora_jax.layers import FROZEN, QLoRADense, QuantConfig
+from qlora_jax.models.attention import IMPLEMENTATIONS, attention
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.models.remat import remat_layer
 from qlora_jax.models.rope import apply_rope, inv_frequencies
@@ -74,6 +77,7 @@ class _Sublayer(nn.Module):
     quant: QuantConfig | None
     dtype: Any
     backend: str = "auto"
+    attention: str = "auto"
 
     def dense(self, features: int, name: str, bias: bool = False) -> QLoRADense:
         """A ``QLoRADense`` that gets LoRA if ``name`` is one of the targets."""
@@ -81,18 +85,6 @@ class _Sublayer(nn.Module):
         return QLoRADense(features=features, rank=lora.rank if name in lora.targets else 0, alpha=lora.alpha,
                           dropout=lora.dropout, use_rslora=lora.use_rslora, use_bias=bias, quant=self.quant,
                           dtype=self.dtype, backend=self.backend, name=name)
-
-
-def attention_mask(q_pos, k_pos, q_seg=None, k_seg=None, k_valid=None, window=None) -> jax.Array:
-    """``(B, 1, 1, T, S)`` boolean: causal by position, within ``window`` (Mistral), same segment, slot filled."""
-    mask = k_pos[:, None, :] <= q_pos[:, :, None]
-    if window is not None:
-        mask &= q_pos[:, :, None] - k_pos[:, None, :] < window
-    if q_seg is not None:
-        mask &= q_seg[:, :, None] == k_seg[:, None, :]
-    if k_valid is not None:
-        mask &= k_valid[:, None, :]
-    return mask[:, None, None]
 
 
 class Attention(_Sublayer):
@@ -112,32 +104,11 @@ class Attention(_Sublayer):
         else:
             keys, values, k_pos, k_valid, new_cache = _update_cache(cache, k, v, positions)
             k_seg = None
-        mask = attention_mask(positions, k_pos, segment_ids, k_seg, k_valid, c.sliding_window)
-        out = grouped_attention(q, keys, values.astype(self.dtype), mask, self.dtype)
-        out = self.dense(c.hidden_size, "o_proj")(out, deterministic)
+        out = attention(q, keys.astype(self.dtype), values.astype(self.dtype), q_positions=positions, kv_positions=k_pos,
+                        q_segment_ids=segment_ids, kv_segment_ids=k_seg, kv_valid=k_valid, window=c.sliding_window,
+                        implementation=self.attention)
+        out = self.dense(c.hidden_size, "o_proj")(out.reshape(b, t, -1), deterministic)
         return out, new_cache
-
-
-def grouped_attention(q, keys, values, mask, dtype) -> jax.Array:
-    """Softmax attention with ``H`` query heads sharing ``KV`` key/value heads: ``(B, T, H * D)``.
-
-    ``q`` is ``(B, T, H, D)``; ``keys``/``values`` ``(B, S, KV, D)``; ``mask`` broadcasts to
-    ``(B, KV, G, T, S)`` (``G = H / KV``; query head ``h = kv * G + g``). Heads go first and
-    each KV head's ``G * T`` query rows form one matrix, so both products are plain batched
-    GEMMs over ``(B, KV)`` whose contraction runs along the stored minor dimension; a
-    ``(B, T, KV, G, D)`` einsum made XLA transpose the scores (``scripts/bench_cpu_parts.py``:
-    0.83x its time for a SmolLM2 layer's forward + backward on the CPU).
-    """
-    b, t, h, d = q.shape
-    s, kv = keys.shape[1], keys.shape[2]
-    g = h // kv
-    qh = q.transpose(0, 2, 1, 3).reshape(b, kv, g * t, d)
-    kh, vh = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bkrd,bksd->bkrs", qh, kh, preferred_element_type=jnp.float32).reshape(b, kv, g, t, s)
-    scores = jnp.where(mask, scores / jnp.sqrt(jnp.float32(d)), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(b, kv, g * t, s)
-    out = jnp.einsum("bkrs,bksd->bkrd", probs, vh).reshape(b, kv, g, t, d)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * d)
 
 
 def _update_cache(cache, k, v, positions):
@@ -167,11 +138,12 @@ class DecoderLayer(_Sublayer):
     @nn.compact
     def __call__(self, h, positions, segment_ids, cache, deterministic):
         c = self.config
-        attn_out, new_cache = Attention(c, self.lora, self.quant, self.dtype, self.backend, name="self_attn")(
+        attn_out, new_cache = Attention(c, self.lora, self.quant, self.dtype, self.backend, self.attention,
+                                        name="self_attn")(
             RMSNorm(c.rms_norm_eps, name="input_layernorm")(h), positions, segment_ids, cache, deterministic)
         h = h + attn_out
         x = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(h)
-        h = h + MLP(c, self.lora, self.quant, self.dtype, self.backend, name="mlp")(x, deterministic)
+        h = h + MLP(c, self.lora, self.quant, self.dtype, self.backend, self.attention, name="mlp")(x, deterministic)
         return h, new_cache
 
 
@@ -184,16 +156,20 @@ class LlamaForCausalLM(nn.Module):
     dtype: Any = jnp.bfloat16
     remat: str = "none"
     backend: str = "auto"  # the 4-bit matmul's backend (qlora_jax.kernels.BACKENDS; docs/kernels.md)
+    attention: str = "auto"  # the attention implementation (qlora_jax.models.attention.IMPLEMENTATIONS)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not one of {BACKENDS}")
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r} is not one of {IMPLEMENTATIONS}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, deterministic: bool = True):
+    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, deterministic: bool = True,
+                 return_hidden: bool = False):
         c = self.config
         b, t = tokens.shape
         if positions is None:
@@ -208,7 +184,7 @@ class LlamaForCausalLM(nn.Module):
             layer_cls = nn.remat(DecoderLayer, policy=policy, static_argnums=(5,))
         new_cache = []
         for i in range(c.num_hidden_layers):
-            layer = layer_cls(c, self.lora, self.quant, self.dtype, self.backend, name=f"layers_{i}")
+            layer = layer_cls(c, self.lora, self.quant, self.dtype, self.backend, self.attention, name=f"layers_{i}")
             if self.remat != "none" and cache is None:
                 call = functools.partial(_layer_output, deterministic=deterministic)
                 h, layer_cache = remat_layer(layer, h, positions, segment_ids, call=call), None
@@ -216,6 +192,10 @@ class LlamaForCausalLM(nn.Module):
                 h, layer_cache = layer(h, positions, segment_ids, None if cache is None else cache[i], deterministic)
             new_cache.append(layer_cache)
         h = RMSNorm(c.rms_norm_eps, name="norm")(h)
+        if return_hidden:
+            if cache is not None:
+                raise ValueError("return_hidden=True is for training (no KV cache)")
+            return h
         if c.tie_word_embeddings:
             head = embedding
         else:
@@ -232,6 +212,12 @@ class LlamaForCausalLM(nn.Module):
 def _layer_output(layer, h, positions, segment_ids, deterministic):
     """A decoder layer's hidden-state output without a KV cache (what ``remat_layer`` recomputes)."""
     return layer(h, positions, segment_ids, None, deterministic)[0]
+
+
+def head_table(config: LlamaConfig, variables) -> jax.Array:
+    """The frozen ``(vocab, hidden)`` output table: ``lm_head``, or the embeddings when tied."""
+    frozen = variables[FROZEN]
+    return frozen["embed_tokens"] if config.tie_word_embeddings else frozen["lm_head"]
 
 
 def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=jnp.bfloat16) -> list[dict[str, jax.Array]]:

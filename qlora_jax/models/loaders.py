@@ -8,6 +8,7 @@ A folder is read as ``config.json`` plus one or many ``*.safetensors`` (with
 tensor at a time. A folder saved by transformers with bitsandbytes 4-bit
 weights (``*.weight.quant_state.bitsandbytes__nf4`` keys) is read without
 re-quantizing. ``quantization=None`` loads a float base (parity tests, bf16 LoRA).
+``attention`` names the attention implementation (``qlora_jax.models.attention``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def from_pretrained(
     base_dtype=jnp.bfloat16,
     key: jax.Array | None = None,
     remat: str = "none",
+    attention: str = "auto",
 ) -> tuple[LlamaForCausalLM, dict[str, Any], TextTokenizer | None]:
     """Loads a model for QLoRA; see the module docstring. The tokenizer is ``None`` if the folder has none."""
     path = os.fspath(path)
@@ -53,7 +55,7 @@ def from_pretrained(
         has_tokenizer = os.path.exists(os.path.join(path, "tokenizer.json"))
         read_tokenizer = lambda: tokenizer_from_hf_folder(path) if has_tokenizer else None  # noqa: E731
     variables = variables_from_tensors(config, tensors, quant=quantization, lora=lora, key=key, base_dtype=base_dtype)
-    model = LlamaForCausalLM(config, lora, quant=quantization, dtype=dtype, remat=remat)
+    model = LlamaForCausalLM(config, lora, quant=quantization, dtype=dtype, remat=remat, attention=attention)
     return model, variables, read_tokenizer()
 
 

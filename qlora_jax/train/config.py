@@ -28,6 +28,7 @@ from typing import Any
 
 from qlora_jax.kernels import BACKENDS
 from qlora_jax.layers.qlora_dense import QuantConfig
+from qlora_jax.models.attention import IMPLEMENTATIONS
 from qlora_jax.models.llama import ALL_TARGETS, REMAT_POLICIES, LoraConfig
 from qlora_jax.optim.chain import SCHEDULES, STATE_BITS, OptimizerConfig
 from qlora_jax.quant.api import check_blocksize
@@ -92,6 +93,14 @@ class ModelSection(_Section):
     remat: str = _f("none", "activation rematerialization per decoder layer (full: least memory, most compute)",
                     REMAT_POLICIES)
     backend: str = _f("auto", "quantized matmul backend (qlora_jax.kernels)", BACKENDS)
+    attention: str = _f("auto", "attention implementation: reference (dense scores), chunked (O(T) memory, any "
+                        "backend), pallas (fused GPU kernel); auto picks by backend and length", IMPLEMENTATIONS)
+    loss_chunk: int = _f(0, "tokens per chunk of the output head + cross-entropy (no full logits array); "
+                         "0: auto, about 256 MiB of float32 logits per chunk")
+
+    def _check(self):
+        if self.loss_chunk < 0:
+            self._fail("loss_chunk", "must be >= 0 (0: auto)")
 
     def compute_dtype(self, platform: str) -> str:
         """``dtype`` with "auto" resolved for a jax platform name ("cpu", "gpu", ...)."""

@@ -116,7 +116,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
     key = jax.random.key(loop.seed)
     lora = config.lora.to_lora_config()
     model, variables, tokenizer = from_pretrained(model_path, quantization=config.quant.to_quant_config(), lora=lora,
-                                                  dtype=dtype, key=key, remat=config.model.remat)
+                                                  dtype=dtype, key=key, remat=config.model.remat,
+                                                  attention=config.model.attention)
     if tokenizer is None:
         raise ValueError(f"model.path={model_path} has no tokenizer (tokenizer.json or GGUF tokenizer fields)")
     model = model.clone(backend=config.model.backend)
@@ -150,9 +151,10 @@ def run(config: TrainConfig) -> dict[str, Any]:
     rep = NamedSharding(mesh, P())
     p_sh, s_sh, f_sh = host_shardings(params), host_shardings(opt_state), host_shardings(frozen)
     b_sh = batch_sharding(mesh)
-    train_step = jax.jit(make_train_step(model, tx), in_shardings=(p_sh, s_sh, f_sh, b_sh, rep),
+    loss_chunk = config.model.loss_chunk
+    train_step = jax.jit(make_train_step(model, tx, loss_chunk), in_shardings=(p_sh, s_sh, f_sh, b_sh, rep),
                          out_shardings=(p_sh, s_sh, rep), donate_argnums=(0, 1))
-    eval_step = jax.jit(make_eval_step(model), in_shardings=(p_sh, f_sh, b_sh), out_shardings=(rep, rep))
+    eval_step = jax.jit(make_eval_step(model, loss_chunk), in_shardings=(p_sh, f_sh, b_sh), out_shardings=(rep, rep))
 
     def evaluate() -> tuple[float, float]:
         total_nll, count = eval_step(params, frozen, eval_batch)

@@ -2,7 +2,8 @@
 
 A batch holds ``A`` micro-batches (gradient accumulation) of ``B`` rows of
 ``T`` tokens: every array is ``(A, B, T)``. With ``m`` the loss mask and
-``nll = -log softmax(logits)[target]`` in float32,
+``nll = -log softmax(logits)[target]`` in float32 (computed by ``qlora_jax.train.loss``
+in chunks of tokens through the head, so no ``(B, T, vocab)`` logits exist),
 
     loss = sum_{a,b,t} m * nll / sum_{a,b,t} m        (a token-weighted mean over the whole batch)
 
@@ -26,6 +27,8 @@ import jax.numpy as jnp
 import optax
 
 from qlora_jax.layers import merge
+from qlora_jax.models.llama import head_table
+from qlora_jax.train.loss import token_nll
 
 
 class StepMetrics(NamedTuple):
@@ -35,26 +38,26 @@ class StepMetrics(NamedTuple):
     finite: jax.Array  # () bool: False when the step was skipped
 
 
-def token_losses(model, variables, batch, rng, deterministic: bool):
-    """``(sum of masked nll, count of masked tokens)`` of one micro-batch ``(B, T)`` arrays."""
-    logits = model.apply(variables, batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"],
-                         deterministic=deterministic, rngs=None if deterministic else {"dropout": rng})
-    logits = logits.astype(jnp.float32)
-    # logsumexp - target logit: the same nll as -log_softmax[target], without a (B, T, vocab)
-    # log-probability array whose gradient scatters into zeros (0.89x the head's time on the CPU:
-    # scripts/bench_cpu_parts.py)
-    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
+def token_losses(model, variables, batch, rng, deterministic: bool, loss_chunk: int = 0):
+    """``(sum of masked nll, count of masked tokens)`` of one micro-batch of ``(B, T)`` arrays.
+
+    ``loss_chunk``: tokens per chunk of the head and cross-entropy (0: by vocabulary size).
+    """
+    hidden = model.apply(variables, batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+                         deterministic=deterministic, rngs=None if deterministic else {"dropout": rng},
+                         return_hidden=True)
+    head = jax.lax.stop_gradient(head_table(model.config, variables))
+    nll = token_nll(hidden, head, batch["targets"], loss_chunk)
     mask = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
-def make_train_step(model, tx: optax.GradientTransformation) -> Callable:
+def make_train_step(model, tx: optax.GradientTransformation, loss_chunk: int = 0) -> Callable:
     """``step(params, opt_state, frozen, batch, rng) -> (params, opt_state, StepMetrics)`` (not jitted here)."""
 
     def micro_grad(params, frozen, micro, rng):
         def f(p):
-            total, count = token_losses(model, merge(p, frozen), micro, rng, deterministic=False)
+            total, count = token_losses(model, merge(p, frozen), micro, rng, deterministic=False, loss_chunk=loss_chunk)
             return total, count
 
         (total, count), grads = jax.value_and_grad(f, has_aux=True)(params)
@@ -83,12 +86,12 @@ def make_train_step(model, tx: optax.GradientTransformation) -> Callable:
     return step
 
 
-def make_eval_step(model) -> Callable:
+def make_eval_step(model, loss_chunk: int = 0) -> Callable:
     """``eval_step(params, frozen, batch) -> (sum of nll, token count)`` over a ``(A, B, T)`` batch."""
 
     def eval_step(params, frozen, batch):
         def body(carry, micro):
-            t, c = token_losses(model, merge(params, frozen), micro, None, deterministic=True)
+            t, c = token_losses(model, merge(params, frozen), micro, None, deterministic=True, loss_chunk=loss_chunk)
             return (carry[0] + t, carry[1] + c), None
 
         (total, count), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(())), batch)
