@@ -40,6 +40,7 @@ from qlora_jax.kernels import compat
 from qlora_jax.kernels.dequantize import pallas_dequantize
 from qlora_jax.kernels.fused_matmul import MatmulBlockSizes, fused_matmul_2d
 from qlora_jax.kernels.operands import flat_unsupported_reason, matrix_unsupported_reason, operands
+from qlora_jax.kernels.schedule import tie_to
 from qlora_jax.quant import QuantizedArray
 
 BACKENDS = ("auto", "xla", "pallas", "pallas_unfused", "triton")
@@ -61,14 +62,18 @@ class Plan:
 
 
 def _dense(lhs, q: QuantizedArray, transpose: bool = False):
-    """The jnp reference: ``lhs @ dequant(W).T``, or ``lhs @ dequant(W)`` when ``transpose``."""
-    w = q.dequantize(lhs.dtype)
+    """The jnp reference: ``lhs @ dequant(W).T``, or ``lhs @ dequant(W)`` when ``transpose``.
+
+    The dequantization is tied to ``lhs`` (``kernels.schedule``): otherwise XLA dequantizes
+    every layer's weight at the start of the step and keeps all the copies alive.
+    """
+    w = tie_to(q, lhs).dequantize(lhs.dtype)
     dims = (((lhs.ndim - 1,), (0 if transpose else 1,)), ((), ()))
     return jax.lax.dot_general(lhs, w, dims, preferred_element_type=jnp.float32).astype(lhs.dtype)
 
 
 def _unfused(lhs, q: QuantizedArray, plan: Plan, transpose: bool):
-    w = pallas_dequantize(q, lhs.dtype, interpret=plan.interpret)
+    w = pallas_dequantize(tie_to(q, lhs), lhs.dtype, interpret=plan.interpret)  # tied, as in _dense
     dims = (((1,), (0,)), ((), ())) if transpose else (((1,), (1,)), ((), ()))
     return jax.lax.dot_general(lhs, w, dims, preferred_element_type=jnp.float32).astype(lhs.dtype)
 

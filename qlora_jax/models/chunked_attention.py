@@ -37,6 +37,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from qlora_jax.kernels.schedule import zeros_after
+
 # Called as ``hook("forward" | "backward")`` each time a tile is computed, not skipped, when set
 # before tracing (tests count the tiles this way; ``jax.debug.callback`` runs on the host).
 tile_hook: Callable[[str], None] | None = None
@@ -114,13 +116,18 @@ def _masked(st: _Static, x, mask, fill):
 
 
 def _forward(st: _Static, q, k, v, meta: _Meta):
-    """``(out, lse)``: ``(nq, B, KV, G * bq, D)`` in ``q.dtype`` and ``(nq, B, KV, G * bq)`` float32."""
-    nk = k.shape[0]
+    """``(out, lse)``: ``(nq, B, KV, G * bq, D)`` in ``q.dtype`` and ``(nq, B, KV, G * bq)`` float32.
 
-    def query_block(i):
+    Every loop buffer starts as ``zeros_after`` its input (``qlora_jax.kernels.schedule``):
+    plain zeros would be one constant shared by all layers, whose copies XLA allocates at
+    the start of the step.
+    """
+    nq, nk = q.shape[0], k.shape[0]
+
+    def query_block(i, outs):
         qb = q[i]
-        init = (jnp.full(qb.shape[:-1], -jnp.inf, jnp.float32), jnp.zeros(qb.shape[:-1], jnp.float32),
-                jnp.zeros(qb.shape, jnp.float32))
+        init = (zeros_after(qb, qb.shape[:-1], jnp.float32) - jnp.inf, zeros_after(qb, qb.shape[:-1], jnp.float32),
+                zeros_after(qb, qb.shape, jnp.float32))
 
         def key_block(j, carry):
             mask = _tile_mask(st, meta, i, j)
@@ -142,9 +149,10 @@ def _forward(st: _Static, q, k, v, meta: _Meta):
         seen = l > 0
         out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
-        return out.astype(q.dtype), lse
+        return outs[0].at[i].set(out.astype(q.dtype)), outs[1].at[i].set(lse)
 
-    return jax.lax.map(query_block, jnp.arange(q.shape[0]))
+    outs = (zeros_after(q, q.shape, q.dtype), zeros_after(q, q.shape[:-1], jnp.float32))
+    return jax.lax.fori_loop(0, nq, query_block, outs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -159,10 +167,10 @@ def _attend_fwd(st, q, k, v, meta):
 
 def _attend_bwd(st, residuals, dout):
     q, k, v, meta, out, lse = residuals
-    nq = q.shape[0]
+    nq, nk = q.shape[0], k.shape[0]
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
 
-    def key_block(dq, j):
+    def key_block(j, grads):
         kb, vb = k[j], v[j]
 
         def query_block(i, carry):
@@ -186,11 +194,14 @@ def _attend_bwd(st, residuals, dout):
 
             return jax.lax.cond(jnp.any(mask), update, lambda c: c, carry)
 
-        zeros = jnp.zeros(kb.shape, jnp.float32)
+        dq, dk_all, dv_all = grads
+        zeros = zeros_after(kb, kb.shape, jnp.float32)
         dk, dv, dq = jax.lax.fori_loop(0, nq, query_block, (zeros, zeros, dq))
-        return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
+        return dq, dk_all.at[j].set(dk.astype(k.dtype)), dv_all.at[j].set(dv.astype(v.dtype))
 
-    dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(k.shape[0]))
+    grads = (zeros_after(dout, q.shape, jnp.float32), zeros_after(dout, k.shape, k.dtype),
+             zeros_after(dout, v.shape, v.dtype))  # tied to dout, as in _forward
+    dq, dk, dv = jax.lax.fori_loop(0, nk, key_block, grads)
     return dq.astype(q.dtype), dk, dv, None
 
 

@@ -9,7 +9,8 @@ FLOPs and saves no memory. A 6-layer Llama's gradient (``tests/models/test_remat
 needs 133.5 MB of XLA temporaries without remat and 129.7 MB with plain ``nn.remat``
 on jaxlib 0.10.2 (26.9 MB on 0.11.2); with ``remat_layer``, 27.1 MB on both.
 
-``remat_layer`` makes the ordering a data dependency that no compiler pass can drop.
+``remat_layer`` makes the ordering a data dependency that no compiler pass can drop
+(``qlora_jax.kernels.schedule.tie_to``).
 It wraps the checkpointed layer in a custom VJP whose backward first ties every saved
 input (the layer's input, its packed weights and LoRA factors, the dropout key) to the
 incoming output cotangent ``g``::
@@ -28,28 +29,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 
-
-def tie_to_cotangent(tree: Any, cotangent: jax.Array) -> Any:
-    """``tree`` with every array leaf passed through a select on a predicate of ``cotangent``.
-
-    The values are unchanged; each leaf now depends on ``cotangent`` in the dataflow
-    graph. Typed PRNG keys are tied through their key data.
-    """
-    c = cotangent.ravel()[0]
-    keep = (c == c) | (c != c)
-
-    def tie(leaf):
-        if not isinstance(leaf, jax.Array):
-            return leaf
-        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            impl = jax.random.key_impl(leaf)
-            return jax.random.wrap_key_data(tie(jax.random.key_data(leaf)), impl=impl)
-        return jnp.where(keep, leaf, jnp.zeros((), leaf.dtype))
-
-    return jax.tree.map(tie, tree)
+from qlora_jax.kernels.schedule import tie_to
 
 
 def remat_layer(layer: nn.Module, *args, call: Callable[..., Any]) -> Any:
@@ -64,6 +45,6 @@ def remat_layer(layer: nn.Module, *args, call: Callable[..., Any]) -> Any:
         return nn.vjp(call, mdl, *xs)
 
     def backward(vjp_fn, g):
-        return tie_to_cotangent(vjp_fn, g)(g)
+        return tie_to(vjp_fn, g)(g)
 
     return nn.custom_vjp(call, forward_fn=forward, backward_fn=backward)(layer, *args)
