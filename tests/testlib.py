@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -21,6 +22,42 @@ TOL = {
     # float32 matmuls on a GPU, where dots take TF32 inputs by default (reference and kernel alike)
     "matmul_rel_tf32": 3e-3,
 }
+
+
+# float32 unit roundoff: one rounding moves a value by at most this fraction of it
+F32_U = 2.0**-24
+
+
+def reorder_rtol(n_terms: int) -> float:
+    """Tolerance between two float32 evaluations of one expression that differ only in summation order.
+
+    A float32 sum of ``n`` terms is within ``n * F32_U`` of the exact sum, relative to the sum of
+    the terms' magnitudes (the classical worst-case bound, first order); two evaluations that sum in
+    different orders (micro-batches against one batch, a recomputation, another CPU's vector width)
+    are therefore within ``2 * n * F32_U`` of each other. ``n_terms`` is the total length of the
+    chain of sums a value goes through (forward and backward); independent roundings add up like
+    a random walk, so real differences sit far below this bound, while any wrong factor or term is
+    far above it.
+    """
+    return 2 * n_terms * F32_U
+
+
+def assert_trees_close(actual, desired, rtol: float) -> None:
+    """Leaf by leaf: ``|actual - desired| <= rtol * max|desired|``, and no leaf of ``desired`` is all zeros.
+
+    The error of a float32 reduction is proportional to the magnitude of what is summed, not to
+    the result, so it is measured against the leaf's scale (its largest element): an element near
+    zero carries the absolute error of its neighbours. An all-zero ``desired`` leaf would make the
+    comparison empty, so it is refused.
+    """
+    pairs = list(zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(desired), strict=True))
+    for (path, a), d in pairs:
+        a, d = np.asarray(a, np.float64), np.asarray(d, np.float64)
+        name = jax.tree_util.keystr(path)
+        scale = float(np.max(np.abs(d)))
+        assert a.shape == d.shape and scale > 0, f"{name}: shapes {a.shape} / {d.shape}, scale {scale}"
+        err = float(np.max(np.abs(a - d)))
+        assert err <= rtol * scale, f"{name}: max |difference| {err:.3g} > {rtol:.3g} x leaf scale {scale:.3g}"
 
 
 def random_llama_tensors(rng: np.random.Generator, config) -> dict[str, np.ndarray]:
