@@ -67,6 +67,18 @@ def tokenizer_from_gguf_fields(meta: Mapping[str, Any]) -> TextTokenizer:
                          meta.get("tokenizer.chat_template"))
 
 
+def save_tokenizer(tokenizer: TextTokenizer, folder: str | os.PathLike) -> None:
+    """Writes ``tokenizer.json`` and ``tokenizer_config.json`` (what ``tokenizer_from_hf_folder`` reads back)."""
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    tokenizer.tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    cfg = {"bos_token": tokenizer.token(tokenizer.bos_id) or None, "eos_token": tokenizer.token(tokenizer.eos_id) or None}
+    if tokenizer.chat_template:
+        cfg["chat_template"] = tokenizer.chat_template
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f)
+
+
 def tokenizer_from_hf_folder(folder: str | os.PathLike) -> TextTokenizer:
     """``tokenizer.json`` + ``tokenizer_config.json`` (special tokens, chat template) of a HF folder."""
     folder = os.fspath(folder)
