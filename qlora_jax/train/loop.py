@@ -41,6 +41,7 @@ from qlora_jax.train import chitchat
 from qlora_jax.train.checkpoint import RunCheckpointer
 from qlora_jax.train.config import TrainConfig
 from qlora_jax.train.data import load_data
+from qlora_jax.train.devices import log_devices
 from qlora_jax.train.mesh import batch_sharding, initialize_distributed, make_mesh, shard_tree
 from qlora_jax.train.report import MetricsLog, Progress, plot_losses, read_metrics
 from qlora_jax.train.step import make_eval_step, make_train_step
@@ -110,6 +111,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     initialize_distributed()
     out = _setup_output(config)
+    log_devices(log)
     loop, platform = config.loop, jax.default_backend()
     dtype = jnp.dtype(config.model.compute_dtype(platform))
     model_path = config.model.path or default_model_path()
