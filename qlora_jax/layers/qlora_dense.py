@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from qlora_jax.kernels import BACKENDS, quantized_matmul
+from qlora_jax.kernels.schedule import tie_to
 from qlora_jax.layers.lora_product import lora_product
 from qlora_jax.quant import QuantizedArray, quantize
 from qlora_jax.quant.api import check_blocksize
@@ -114,7 +115,13 @@ class QLoRADense(nn.Module):
         bound = 1.0 / math.sqrt(in_features)
         a = self.param("lora_a", _symmetric_uniform(bound), (in_features, self.rank), self.param_dtype)
         b = self.param("lora_b", nn.initializers.zeros, (self.rank, self.features), self.param_dtype)
-        h = nn.Dropout(rate=self.dropout)(x, deterministic=deterministic)
+        h = x
+        if self.dropout > 0 and not deterministic:
+            # the key tied to x: a rematerialized layer's recomputation then draws its mask from the
+            # recomputed input, so XLA cannot merge it with the forward's draw and keep that
+            # (T, in) mask alive from the forward to the backward, in every layer
+            rng = tie_to(self.make_rng("dropout"), x)
+            h = nn.Dropout(rate=self.dropout)(x, deterministic=False, rng=rng)
         return y + lora_product(h, a.astype(self.dtype), b.astype(self.dtype), self.scaling)
 
     def _init_base(self, shape):
