@@ -1,78 +1,73 @@
 """Memory planner: the bytes a QLoRA training step needs, on the device and on the host, before running it.
 
-``plan(config, batch=, seq_len=, lora=, quant=, optimizer=, offload=, remat=)`` -> ``MemoryPlan``;
-``python -m qlora_jax.memory --model llama-3-8b --batch 1 --seq-len 512 --rank 64 --device-gib 80``.
+``plan(config, batch=, seq_len=, lora=, quant=, optimizer=, offload=, remat=, attention=)`` -> ``MemoryPlan``;
+``max_context(config, device_bytes, ...)`` -> the longest sequence that fits;
+``python -m qlora_jax.memory --model llama-3-8b --seq-len 8192 --rank 32`` (``--max-context 8,24,80``).
 
-Weights, LoRA and optimizer state are exact (equal to the live arrays' ``nbytes``; tests check it):
+Weights, LoRA and optimizer state are exact (equal to the live arrays' ``nbytes``; tests check it
+against ``jax.eval_shape`` of the loader and the optimizer):
 
 * 4-bit projection ``(out, in)``, ``n = out * in``, block ``b`` (``QuantizedArray``): ``ceil(n / 2)``
   code bytes; ``nb = ceil(n / b)`` block scales, uint8 with double quantization (else float32); with
   double quantization also ``ceil(nb / 256)`` float32 nested scales and one float32 offset.
 * Unquantized: embeddings, ``lm_head`` (untied) and q/k/v biases in ``base_dtype``; RMSNorm
   weights in float32 (as the loaders keep them); projections in ``base_dtype`` when ``quant=None``.
-* LoRA on a targeted ``(out, in)``: ``r * (in + out)`` float32 weights, as many float32 gradients.
+* LoRA on a targeted ``(out, in)``: ``r * (in + out)`` float32 weights.
 * AdamW state of a LoRA tensor of ``n`` elements: ``"fp32"`` 8n; ``"8bit"`` ``2 * (n + 4 * ceil(n / 256))``
   if ``n >= 4096``, else 8n (``qlora_jax.optim.adamw8bit``); plus ``STEP_COUNTER_BYTES`` for the
   trainer's chain. ``offload``: the state lives on the host between steps.
 
-Activations are an estimate of one micro-batch of ``n = B * T`` tokens: ``c`` compute-dtype bytes,
-``d`` hidden, ``F`` intermediate, ``H``/``KV`` heads, ``h`` head dim, ``V`` vocab, ``L`` layers,
-``R = r * (number of targeted projections)``, ``[x] = 1`` if projection ``x`` has LoRA. What JAX's
-autodiff saves per decoder layer (read off the model's code residual by residual, ``remat="none"``):
+Everything else the step needs (activations saved for the backward, the recomputation's and the
+backward's working set, the dequantized weight tiles, the chunked loss, the LoRA gradients and the
+optimizer update) is read from XLA: the trainer's jitted step (``make_train_step``, parameters and
+optimizer state donated) is lowered on abstract shapes (``jax.ShapeDtypeStruct``: nothing is
+allocated) and compiled, and ``compiled.memory_analysis().temp_size_in_bytes`` is the plan's
+``step_temp``. Two approximations, where compiling the real thing is impossible or too slow:
 
-    layer = n * (8d + 16 + 16h + 8H + c * ((H + 2KV)h + 5F + R + d[qkv] + d[gate|up] + Hh[o] + F[down]))
-            + B * H * T^2 * (9 + c)
+* **Depth.** Layers are unrolled, so compile time grows with depth (seconds per layer at Llama-3-8B's
+  shapes). A model of more than ``max(EXTRAPOLATION_DEPTHS)`` layers is compiled at 2 and 3 layers and
+  extrapolated linearly, ``temp(L) = temp(2) + (L - 2) * (temp(3) - temp(2))``: every layer after the
+  first adds its saved input and nothing else at remat full (``tests/test_memory.py`` checks the
+  extrapolation against a direct compile).
+* **The platform.** XLA's CPU compiler plans the step here. On a GPU, attention ``"auto"`` is the fused
+  Pallas kernel, which cannot be lowered on a CPU; it is planned as ``"chunked"``, which keeps the same
+  residuals (q, k, v, the output and the row log-sum-exp, O(T)). The CPU compiler also upcasts bf16
+  matmuls to float32 around the dots, so bf16 plans run high against a GPU's; a GPU measurement
+  (``scripts/gpu_check.sh``) is the final word.
 
-float32 inputs and statistics of both RMSNorms; the rope tables; rope'd q, k and v; gate, up and
-silu's internals; each LoRA's ``x @ A``; a projection's input only if it has LoRA; softmax sums;
-per attention score: mask 1 + masked score 4 + exp 4 + probability c bytes. Layer 0 saves
-``n * (4d + 8)`` less (its first norm's input is the frozen embedding). LoRA dropout adds
-``n * in * (c + 1)`` per targeted projection; ``c != 4`` adds the compute-dtype copies of the LoRA
-weights. ``remat="full"`` / ``"nothing_saveable"`` keep each layer's input, ``n * d * c``, and
-``8n`` for positions and segment ids; ``"dots_saveable"`` keeps the input and every matmul's output,
-``n * (c * (d + Hh + sum(r + out)) + 4 * (2d + 2F)) + 4BHT^2`` per layer (the 4-bit matmuls of
-o/gate/up/down and the scores in float32), and ``8n``. The head adds ``n * (4V + 4d + 20)``
-(log-softmax, final norm, targets).
-
-    saved     = sum over the layers + head
-    transient = max(3 * n * V * 4 [+ V * d * c],         logits, d log-softmax, d logits (float32),
-                                                         the head in the compute dtype when the
-                                                         table is stored in another
-                    layer_bwd [+ layer if remat])        one layer's backward (and its recompute)
-    layer_bwd = 8 * B * H * T^2 + 8 * n * F + c * max(out * in)   score and MLP gradients, one
-                                                                  dequantized weight
-    activations = saved + transient
-
-``device_bytes = weights + LoRA + gradients + device optimizer state + max(activations, update)``,
-``update`` = the float32 updates plus, when offloaded, the state brought over for the update.
-``tests/test_memory.py`` checks ``saved`` against the residuals ``jax.vjp`` keeps (exact with LoRA
-on all projections and remat none / full; within 3% for a subset of targets, 10% for dots_saveable)
-and ``activations`` against XLA's compiled temp memory of the train step, which needed 0.58 to 1.10
-of the plan (an upper-side estimate; ratios in the test's docstring). jax 0.10.2's CPU backend
-schedules every rematerialized layer's recompute before the backward, so remat saves little there
-(jax 0.11.2's does not).
+``offload`` (the optimizer state on the host): the step is compiled with the state on the device and
+the state is then left out of the device total, except while it is updated:
+``device = weights + LoRA + max(step_temp, update)``, ``update = 8 * lora_count + 2 * optimizer_state``
+(the gradients and updates, the state brought over and its new value before it goes back).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import re
 
+import jax
 import jax.numpy as jnp
 
-from qlora_jax.layers import QuantConfig
+from qlora_jax.layers import QuantConfig, split_trainable
+from qlora_jax.models.attention import resolve_implementation
 from qlora_jax.models.config import LlamaConfig, config_from_gguf, from_hf_config
-from qlora_jax.models.llama import ALL_TARGETS, REMAT_POLICIES, LoraConfig
-from qlora_jax.models.weights import expected_shapes
+from qlora_jax.models.llama import ALL_TARGETS, REMAT_POLICIES, LlamaForCausalLM, LoraConfig
+from qlora_jax.models.weights import expected_shapes, variables_from_tensors
 
 OPTIMIZERS = ("fp32", "8bit")
 ADAM8_BLOCK, ADAM8_MIN_SIZE, NESTED_BLOCK = 256, 4096, 256
 # the trainer's chain (make_optimizer(skip_nonfinite=True)): Adam's and the schedule's counts,
 # apply_if_finite's two counts and its flag
 STEP_COUNTER_BYTES = 17
+# a batch's arrays: tokens, positions, segment ids, targets (int32) and the loss mask (float32)
+BATCH_BYTES_PER_TOKEN = 20
+EXTRAPOLATION_DEPTHS = (2, 3)
+PLATFORMS = ("gpu", "cpu")
 GIB, MIB = 2**30, 2**20
 _PROJ = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.weight$")
 
@@ -100,27 +95,24 @@ class MemoryPlan:
     quant_nested: int  # double quantization's float32 nested scales + offsets
     unquantized: int  # embeddings, lm_head, norms, biases (and the projections when quant is None)
     lora_params: int
-    lora_grads: int
     optimizer_state: int
     optimizer_on_host: bool
-    saved_activations: int  # kept from the forward for the backward
-    transient: int  # peak working set of the forward/backward on top of the saved activations
-    update: int  # working set of the optimizer update, after the activations are freed
+    batch_bytes: int  # the step's input arrays
+    step_temp: int  # XLA's temporaries of the compiled step: activations, gradients, update
+    update: int  # with offload: the update's working set on the device (module docstring); else 0
     lora_count: int  # trainable weights
     base_count: int  # frozen weights
+    attention: str  # the attention implementation the step was compiled with
+    extrapolated: bool  # step_temp extrapolated from EXTRAPOLATION_DEPTHS layers
 
     @property
     def base_weights(self) -> int:
         return self.quant_codes + self.quant_scales + self.quant_nested + self.unquantized
 
     @property
-    def activations(self) -> int:
-        return self.saved_activations + self.transient
-
-    @property
     def device_bytes(self) -> int:
         state = 0 if self.optimizer_on_host else self.optimizer_state
-        return self.base_weights + self.lora_params + self.lora_grads + state + max(self.activations, self.update)
+        return self.base_weights + self.lora_params + state + self.batch_bytes + max(self.step_temp, self.update)
 
     @property
     def host_bytes(self) -> int:
@@ -131,9 +123,25 @@ class MemoryPlan:
         return self.device_bytes <= device_bytes
 
 
-def _check_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive int")
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """What the compiled step depends on besides the model config (hashable: compiles are cached)."""
+
+    batch: int
+    seq_len: int
+    lora: LoraConfig
+    quant: QuantConfig | None
+    optimizer: str
+    remat: str
+    compute_dtype: str
+    base_dtype: str
+    attention: str  # an explicit implementation, never "auto"
+    loss_chunk: int
+
+
+def _check_int(name: str, value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} must be an int >= {low}")
     return value
 
 
@@ -159,55 +167,65 @@ def adam_state_bytes(n: int, optimizer: str) -> int:
     return 8 * n
 
 
-def _layer0_projections(config: LlamaConfig) -> dict[str, tuple[int, int]]:
-    """``{"q_proj": (out, in), ...}`` of one decoder layer."""
-    return {m.group(3): s for k, s in expected_shapes(config).items() if (m := _PROJ.match(k)) and m.group(1) == "0"}
+def abstract_variables(config: LlamaConfig, lora: LoraConfig, quant: QuantConfig | None = QuantConfig(),
+                       base_dtype="bfloat16"):
+    """The loader's ``{"params", "frozen"}`` as ``ShapeDtypeStruct`` leaves: nothing is materialized."""
+    tensors = lambda: ((k, jnp.zeros(s, jnp.float32)) for k, s in expected_shapes(config).items())  # noqa: E731
+    return jax.eval_shape(lambda: variables_from_tensors(config, tensors(), quant, lora, base_dtype=jnp.dtype(base_dtype)))
 
 
-def activation_bytes(config: LlamaConfig, batch: int, seq_len: int, lora: LoraConfig, remat: str,
-                     compute_dtype="bfloat16", base_dtype="bfloat16") -> tuple[int, int]:
-    """``(saved, transient)`` activation bytes of one micro-batch; the formulas are the module docstring's."""
-    c, cb, n = config, _bytes("compute_dtype", compute_dtype), batch * seq_len
-    head_copy = c.vocab_size * c.hidden_size * cb if jnp.dtype(compute_dtype) != jnp.dtype(base_dtype) else 0
-    d, f, h, heads, kv = c.hidden_size, c.intermediate_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
-    shapes = _layer0_projections(c)
-    targets = [t for t in ALL_TARGETS if lora.rank > 0 and t in lora.targets]
-    has = lambda *names: int(any(t in targets for t in names))  # noqa: E731
-    scores = batch * heads * seq_len * seq_len
-    layer = n * (8 * d + 16 + 16 * h + 8 * heads
-                 + cb * ((heads + 2 * kv) * h + 5 * f + lora.rank * len(targets) + d * has("q_proj", "k_proj", "v_proj")
-                         + d * has("gate_proj", "up_proj") + heads * h * has("o_proj") + f * has("down_proj")))
-    layer += scores * (9 + cb)
-    if lora.dropout > 0:
-        layer += n * (cb + 1) * sum(shapes[t][1] for t in targets)
-    if cb != 4:
-        layer += cb * lora.rank * sum(sum(shapes[t]) for t in targets)
-    head = n * (4 * c.vocab_size + 4 * d + 20)
-    if remat == "none":
-        saved = c.num_hidden_layers * layer - n * (4 * d + 8) + head
-    elif remat in ("full", "nothing_saveable"):
-        saved = c.num_hidden_layers * n * d * cb + 8 * n + head
-    else:  # dots_saveable
-        lora_out = sum(lora.rank + shapes[t][0] for t in targets)
-        per = n * (cb * (d + heads * h + lora_out) + 4 * (2 * d + 2 * f)) + 4 * scores
-        saved = c.num_hidden_layers * per + 8 * n + head
-    layer_bwd = 8 * scores + 8 * n * f + cb * max(o * i for o, i in shapes.values())
-    transient = max(3 * n * c.vocab_size * 4 + head_copy, layer_bwd + (0 if remat == "none" else layer))
-    return saved, transient
+@functools.lru_cache(maxsize=128)
+def compiled_step_temp(config: LlamaConfig, shape: StepShape) -> int:
+    """``temp_size_in_bytes`` of the trainer's train step for ``config``, compiled on abstract shapes."""
+    from qlora_jax.optim import OptimizerConfig, make_optimizer
+    from qlora_jax.train.step import make_train_step
+
+    model = LlamaForCausalLM(config, shape.lora, shape.quant, dtype=jnp.dtype(shape.compute_dtype), remat=shape.remat,
+                             attention=shape.attention)
+    params, frozen = split_trainable(abstract_variables(config, shape.lora, shape.quant, shape.base_dtype))
+    tx = make_optimizer(OptimizerConfig(state_bits=8 if shape.optimizer == "8bit" else 32), 10, skip_nonfinite=True)
+    ints = jax.ShapeDtypeStruct((1, shape.batch, shape.seq_len), jnp.int32)
+    batch = {"tokens": ints, "positions": ints, "segment_ids": ints, "targets": ints,
+             "loss_mask": jax.ShapeDtypeStruct(ints.shape, jnp.float32)}
+    step = jax.jit(make_train_step(model, tx, shape.loss_chunk), donate_argnums=(0, 1))
+    lowered = step.lower(params, jax.eval_shape(tx.init, params), frozen, batch, jax.random.key(0))
+    return int(lowered.compile().memory_analysis().temp_size_in_bytes)
 
 
-def plan(config: LlamaConfig, *, batch: int, seq_len: int, lora: LoraConfig = LoraConfig(),
-         quant: QuantConfig | None = QuantConfig(), optimizer: str = "fp32", offload: bool = False,
-         remat: str = "none", compute_dtype="bfloat16", base_dtype="bfloat16") -> MemoryPlan:
-    """The ``MemoryPlan`` of one training step on ``batch`` x ``seq_len`` tokens (module docstring)."""
-    if not isinstance(config, LlamaConfig):
-        raise ValueError(f"config must be a LlamaConfig, got {type(config).__name__}")
-    _check_int("batch", batch)
-    _check_int("seq_len", seq_len)
+def step_temp_bytes(config: LlamaConfig, shape: StepShape) -> tuple[int, bool]:
+    """``(temp bytes, extrapolated)`` of the step at ``config``'s depth (module docstring: "Depth")."""
+    depth = config.num_hidden_layers
+    low, high = EXTRAPOLATION_DEPTHS
+    if depth <= high:
+        return compiled_step_temp(config, shape), False
+    t_low = compiled_step_temp(dataclasses.replace(config, num_hidden_layers=low), shape)
+    t_high = compiled_step_temp(dataclasses.replace(config, num_hidden_layers=high), shape)
+    return t_low + (depth - low) * (t_high - t_low), True
+
+
+@dataclasses.dataclass(frozen=True)
+class StateBytes:
+    """The exact part of a plan: what lives between steps (module docstring's formulas)."""
+
+    quant_codes: int
+    quant_scales: int
+    quant_nested: int
+    unquantized: int
+    lora_params: int
+    optimizer_state: int
+    lora_count: int
+    base_count: int
+
+    @property
+    def base_weights(self) -> int:
+        return self.quant_codes + self.quant_scales + self.quant_nested + self.unquantized
+
+
+def state_bytes(config: LlamaConfig, *, lora: LoraConfig = LoraConfig(), quant: QuantConfig | None = QuantConfig(),
+                optimizer: str = "fp32", base_dtype="bfloat16") -> StateBytes:
+    """Weights, LoRA and optimizer bytes of ``config``, exactly as the loader and ``make_optimizer`` allocate them."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r} is not one of {OPTIMIZERS}")
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"remat={remat!r} is not one of {REMAT_POLICIES}")
     if quant is not None and not isinstance(quant, QuantConfig):
         raise ValueError(f"quant must be a QuantConfig or None, got {type(quant).__name__}")
     base = _bytes("base_dtype", base_dtype)
@@ -226,9 +244,92 @@ def plan(config: LlamaConfig, *, batch: int, seq_len: int, lora: LoraConfig = Lo
             unquantized += size * (4 if name.endswith("norm.weight") else base)
     count = sum(lora_sizes)
     state = sum(adam_state_bytes(s, optimizer) for s in lora_sizes) + STEP_COUNTER_BYTES
-    saved, transient = activation_bytes(config, batch, seq_len, lora, remat, compute_dtype, base_dtype)
-    return MemoryPlan(codes, scales, nested, unquantized, 4 * count, 4 * count, state, bool(offload), saved, transient,
-                      4 * count + (state if offload else 0), count, base_count)
+    return StateBytes(codes, scales, nested, unquantized, 4 * count, state, count, base_count)
+
+
+def planned_attention(attention: str, seq_len: int, head_dim: int, platform: str) -> str:
+    """The implementation the step is compiled with: ``attention`` resolved for ``platform``, pallas as chunked."""
+    if platform not in PLATFORMS:
+        raise ValueError(f"platform={platform!r} is not one of {PLATFORMS}")
+    impl, _ = resolve_implementation(attention, seq_len, seq_len, head_dim, platform)
+    return "chunked" if impl == "pallas" else impl
+
+
+def plan(config: LlamaConfig, *, batch: int, seq_len: int, lora: LoraConfig = LoraConfig(),
+         quant: QuantConfig | None = QuantConfig(), optimizer: str = "fp32", offload: bool = False,
+         remat: str = "full", compute_dtype="bfloat16", base_dtype="bfloat16", attention: str = "auto",
+         loss_chunk: int = 0, platform: str = "gpu") -> MemoryPlan:
+    """The ``MemoryPlan`` of one training step on ``batch`` x ``seq_len`` tokens (module docstring)."""
+    if not isinstance(config, LlamaConfig):
+        raise ValueError(f"config must be a LlamaConfig, got {type(config).__name__}")
+    _check_int("batch", batch)
+    _check_int("seq_len", seq_len)
+    _check_int("loss_chunk", loss_chunk, low=0)
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r} is not one of {REMAT_POLICIES}")
+    _bytes("compute_dtype", compute_dtype)
+    s = state_bytes(config, lora=lora, quant=quant, optimizer=optimizer, base_dtype=base_dtype)
+    impl = planned_attention(attention, seq_len, config.head_dim, platform)
+    shape = StepShape(batch, seq_len, lora, quant, optimizer, remat, jnp.dtype(compute_dtype).name,
+                      jnp.dtype(base_dtype).name, impl, loss_chunk)
+    temp, extrapolated = step_temp_bytes(config, shape)
+    update = 8 * s.lora_count + 2 * s.optimizer_state if offload else 0
+    return MemoryPlan(s.quant_codes, s.quant_scales, s.quant_nested, s.unquantized, s.lora_params, s.optimizer_state,
+                      bool(offload), BATCH_BYTES_PER_TOKEN * batch * seq_len, temp, update, s.lora_count,
+                      s.base_count, impl, extrapolated)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextFit:
+    """The longest sequence of one micro-batch whose step fits ``device_bytes`` (``max_context``)."""
+
+    device_bytes: int
+    seq_len: int  # 0 when not even ``multiple`` tokens fit
+    plan: MemoryPlan | None  # the plan compiled at ``seq_len``
+    bytes_per_token: float  # the local slope of device_bytes in seq_len at the answer
+
+
+def _interpolate(points: dict[int, int], budget: int) -> tuple[float, float]:
+    """``(T, slope)`` where the piecewise-linear curve through ``points`` reaches ``budget``."""
+    ts = sorted(points)
+    pairs = list(zip(ts, ts[1:]))
+    lo, hi = next(((a, b) for a, b in pairs if points[b] >= budget), pairs[-1])
+    slope = (points[hi] - points[lo]) / (hi - lo)
+    return (lo + (budget - points[lo]) / slope if slope > 0 else math.inf), slope
+
+
+def max_context(config: LlamaConfig, device_bytes: list[int] | tuple[int, ...], *,
+                probe_lengths: tuple[int, ...] = (4096, 16384), multiple: int = 256, tries: int = 3,
+                **plan_kw) -> list[ContextFit]:
+    """For each budget, the longest ``seq_len`` (a multiple of ``multiple``) whose plan fits.
+
+    Once attention and the loss are chunked, every array of the step is O(T) except fixed-size
+    tiles, so ``device_bytes(T)`` is close to linear (its slope creeps up with T as XLA's buffer
+    sharing changes). The answer is searched on the piecewise-linear curve through the plans at
+    ``probe_lengths``; each estimate is compiled and added to the curve, up to ``tries`` times per
+    budget, until it fits within two ``multiple`` steps of the budget. The longest fitting length
+    compiled is returned, so every answer's plan was compiled, not interpolated.
+    """
+    if len(probe_lengths) < 2 or list(probe_lengths) != sorted(set(probe_lengths)) or probe_lengths[0] < 1:
+        raise ValueError(f"probe_lengths={probe_lengths!r} must be two or more increasing lengths")
+    _check_int("multiple", multiple)
+    plans = {t: plan(config, seq_len=t, **plan_kw) for t in probe_lengths}
+    fits = []
+    for budget in device_bytes:
+        points = {t: p.device_bytes for t, p in plans.items()}
+        for _ in range(tries):
+            estimate, slope = _interpolate(points, budget)
+            t = max(multiple, int(min(estimate, 2**40)) // multiple * multiple)
+            if t in plans:
+                break
+            plans[t] = plan(config, seq_len=t, **plan_kw)
+            points[t] = plans[t].device_bytes
+            if plans[t].fits(budget) and budget - plans[t].device_bytes < 2 * multiple * slope:
+                break
+        good = [t for t, p in plans.items() if p.fits(budget) and t % multiple == 0]
+        best = max(good, default=0)
+        fits.append(ContextFit(budget, best, plans.get(best), _interpolate(points, budget)[1]))
+    return fits
 
 
 def resolve_model(model: str) -> LlamaConfig:
@@ -250,19 +351,20 @@ def format_bytes(n: int) -> str:
 def table(p: MemoryPlan, title: str = "", device_gib: float | None = None) -> str:
     """The plan as text: a line per part with device and host columns, the totals and the fit verdict."""
     state_dev, state_host = (0, p.optimizer_state) if p.optimizer_on_host else (p.optimizer_state, 0)
+    how = "extrapolated" if p.extrapolated else "compiled"
     rows = [("base weights: 4-bit codes", p.quant_codes), ("  block scales", p.quant_scales),
             ("  nested scales + offsets", p.quant_nested), ("  unquantized (embeddings, head, norms)", p.unquantized),
-            (f"LoRA params (fp32, {p.lora_count / 1e6:.1f}M)", p.lora_params), ("LoRA gradients (fp32)", p.lora_grads),
-            ("optimizer state", state_dev, state_host), ("activations: saved", p.saved_activations),
-            ("  + transient peak", p.transient)]
-    if p.update > p.activations:
-        rows.append(("optimizer update (peak instead of activations)", p.update))
+            (f"LoRA params (fp32, {p.lora_count / 1e6:.1f}M)", p.lora_params),
+            ("optimizer state", state_dev, state_host), ("batch", p.batch_bytes),
+            (f"step temporaries (XLA, {how})", p.step_temp)]
+    if p.update > p.step_temp:
+        rows.append(("offloaded update (peak instead of the step's)", p.update))
     lines = [title] if title else []
-    lines.append(f"{'part':<46}{'device':>12}{'host':>12}")
+    lines.append(f"{'part':<52}{'device':>12}{'host':>12}")
     for name, dev, *host in rows:
         host_b = host[0] if host else 0
-        lines.append(f"{name:<46}{format_bytes(dev) if dev else '-':>12}{format_bytes(host_b) if host_b else '-':>12}")
-    lines.append(f"{'total':<46}{format_bytes(p.device_bytes):>12}{format_bytes(p.host_bytes) if p.host_bytes else '-':>12}")
+        lines.append(f"{name:<52}{format_bytes(dev) if dev else '-':>12}{format_bytes(host_b) if host_b else '-':>12}")
+    lines.append(f"{'total':<52}{format_bytes(p.device_bytes):>12}{format_bytes(p.host_bytes) if p.host_bytes else '-':>12}")
     if device_gib is not None:
         margin = int(device_gib * GIB) - p.device_bytes
         sign = "" if margin >= 0 else "-"
@@ -271,10 +373,29 @@ def table(p: MemoryPlan, title: str = "", device_gib: float | None = None) -> st
     return "\n".join(lines)
 
 
+def context_table(fits: list[ContextFit]) -> str:
+    """``max_context``'s answers as a Markdown table."""
+    lines = ["| device memory | longest sequence | planned at it |", "|---|---:|---:|"]
+    for f in fits:
+        at = format_bytes(f.plan.device_bytes) if f.plan else "-"
+        lines.append(f"| {f.device_bytes / GIB:g} GiB | {f.seq_len:,} | {at} |")
+    return "\n".join(lines)
+
+
 def _targets(text: str) -> tuple[str, ...]:
     if text == "all":
         return ALL_TARGETS
     return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _gib_list(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise ValueError(f"--max-context {text!r} must be comma-separated positive GiB, e.g. 8,24,80")
+    return values
 
 
 def main(argv=None) -> int:
@@ -292,25 +413,46 @@ def main(argv=None) -> int:
     ap.add_argument("--optimizer", default="8bit", help=f"AdamW state, one of {OPTIMIZERS}")
     ap.add_argument("--offload", action="store_true", help="optimizer state in host memory between steps")
     ap.add_argument("--remat", default="full", help=f"one of {REMAT_POLICIES}")
+    ap.add_argument("--attention", default="auto", help="attention implementation (qlora_jax.models.attention)")
+    ap.add_argument("--loss-chunk", type=int, default=0, help="tokens per chunk of the loss (0: by vocabulary)")
+    ap.add_argument("--platform", default="gpu", help=f"what 'auto' attention resolves for, one of {PLATFORMS}")
     ap.add_argument("--compute-dtype", default="bfloat16", help="activation dtype")
     ap.add_argument("--base-dtype", default="bfloat16", help="dtype of embeddings, head and unquantized weights")
     ap.add_argument("--device-gib", type=float, default=80.0, help="device memory to check the plan against")
+    ap.add_argument("--max-context", default="", help="comma-separated GiB: print the longest sequence for each "
+                                                      "instead of one plan")
+    ap.add_argument("--probe-lengths", default="4096,16384", help="--max-context: the lengths compiled first")
+    ap.add_argument("--multiple", type=int, default=256, help="--max-context: answers are multiples of this")
     args = ap.parse_args(argv)
     try:
         config = resolve_model(args.model)
         quant = None if args.quant == "none" else QuantConfig(args.quant, args.blocksize, not args.no_double_quant)
         lora = LoraConfig(rank=args.rank, dropout=args.dropout, targets=_targets(args.targets))
-        p = plan(config, batch=args.batch, seq_len=args.seq_len, lora=lora, quant=quant, optimizer=args.optimizer,
-                 offload=args.offload, remat=args.remat, compute_dtype=args.compute_dtype, base_dtype=args.base_dtype)
+        kw = dict(batch=args.batch, lora=lora, quant=quant, optimizer=args.optimizer, offload=args.offload,
+                  remat=args.remat, compute_dtype=args.compute_dtype, base_dtype=args.base_dtype,
+                  attention=args.attention, loss_chunk=args.loss_chunk, platform=args.platform)
+        budgets = _gib_list(args.max_context) if args.max_context else None
+        if budgets is None:
+            p = plan(config, seq_len=args.seq_len, **kw)
+        else:
+            probes = tuple(int(x) for x in args.probe_lengths.split(",") if x.strip().isdigit())
+            fits = max_context(config, [int(g * GIB) for g in budgets], probe_lengths=probes,
+                               multiple=args.multiple, **kw)
     except (ValueError, FileNotFoundError) as err:
         ap.error(str(err))
     c = config
     fmt = "float base" if quant is None else quant.quant_type + (" + double quant" if quant.double_quant else "")
+    shape = f"batch {args.batch}" if budgets else f"batch {args.batch} x {args.seq_len} tokens"
     title = (f"{args.model}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}; "
-             f"batch {args.batch} x {args.seq_len} tokens; LoRA r={args.rank} on {len(lora.targets)} projections; "
+             f"{shape}; LoRA r={args.rank} on {len(lora.targets)} projections; "
              f"{fmt}; {args.optimizer} AdamW{' (offloaded)' if args.offload else ''}; remat {args.remat}; "
-             f"{args.compute_dtype} compute")
-    print(table(p, title, args.device_gib))
+             f"{args.compute_dtype} compute; attention {args.attention} for {args.platform}; planned by XLA on "
+             f"{jax.default_backend()}")
+    if budgets is None:
+        print(table(p, title, args.device_gib))
+    else:
+        print(title)
+        print(context_table(fits))
     return 0
 
 

@@ -38,10 +38,10 @@ import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "reference", "chunked", "pallas")
-# "auto" on a CPU keeps the dense reference while the float32 scores of one head group
-# stay small: at SmolLM2's 4 x 256 bench step the reference is the faster one
-# (docs/benchmarks.md, "Long context"), and longer sequences need the chunked one.
-AUTO_REFERENCE_MAX_SCORES = 1024 * 1024
+# "auto" on a CPU keeps the dense reference up to 256 x 256 scores per row: at SmolLM2's
+# 4 x 256 bench step it is the faster one, and from 512 tokens on the chunked one is
+# (docs/benchmarks.md, "Long context": 0.82x at 1 x 512, 0.29x at 1 x 1024).
+AUTO_REFERENCE_MAX_SCORES = 256 * 256
 
 
 def resolve_implementation(implementation: str, q_len: int, kv_len: int, head_dim: int,

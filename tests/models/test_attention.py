@@ -166,6 +166,7 @@ def test_chunked_memory_is_linear_in_length():
 
 def test_auto_resolution_and_bad_input():
     assert attn.resolve_implementation("auto", 256, 256, 64, "cpu")[0] == "reference"
+    assert attn.resolve_implementation("auto", 512, 512, 64, "cpu")[0] == "chunked"
     assert attn.resolve_implementation("auto", 4096, 4096, 64, "cpu")[0] == "chunked"
     assert attn.resolve_implementation("auto", 4096, 4096, 128, "gpu")[0] == "pallas"
     assert attn.resolve_implementation("chunked", 8, 8, 64, "gpu") == ("chunked", "chosen explicitly")
