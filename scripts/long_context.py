@@ -142,7 +142,7 @@ def run_trainer(folder: str, seq_len: int, out_dir: str, extra: list[str], timeo
             "wall_s": wall, "loss": summary.get("last_loss"), "step_s": step.get("seconds"),
             "target_tokens": step.get("target_tokens"), "platform": summary.get("platform"),
             "attention": train_config["model"]["attention"], "loss_chunk": train_config["model"]["loss_chunk"],
-            "user_s": usage.ru_utime, "command": cmd}
+            "user_s": usage.ru_utime, "command": cmd, "train_config": train_config}
 
 
 def describe(run: dict, config: LlamaConfig) -> tuple[str, str]:
@@ -156,14 +156,37 @@ def describe(run: dict, config: LlamaConfig) -> tuple[str, str]:
     return attention, str(chunk)
 
 
+def planned_bytes(run: dict, config: LlamaConfig) -> int:
+    """``qlora_jax.memory.plan``'s device total for the run's own settings (its config.json), planned for the CPU."""
+    from qlora_jax import memory
+    from qlora_jax.train.config import TrainConfig
+
+    tc = TrainConfig.from_dict(run["train_config"])
+    p = memory.plan(config, batch=tc.loop.batch_size, seq_len=run["seq_len"], lora=tc.lora.to_lora_config(),
+                    quant=tc.quant.to_quant_config(), optimizer="8bit" if tc.optim.state_bits == 8 else "fp32",
+                    offload=tc.optim.offload, remat=tc.model.remat, compute_dtype=tc.model.compute_dtype("cpu"),
+                    attention=tc.model.attention, loss_chunk=tc.model.loss_chunk, platform="cpu")
+    return p.device_bytes
+
+
 def table(preset: str, config: LlamaConfig, runs: list[dict]) -> str:
+    """One row per run; with plans, the growth over the first run measured and planned (RSS also holds
+    Python, jax and the compiler, which the first run's figure carries and the growth cancels)."""
     head = ("preset", "seq_len", "peak RSS GiB", "wall s", "step s", "loss", "attention", "loss chunk")
+    planned = all("planned_bytes" in r for r in runs)
+    if planned:
+        head += ("planned GiB", "RSS growth / planned growth")
     rows = []
     for r in runs:
         attention, chunk = describe(r, config)
         loss = "n/a" if r["loss"] is None else f"{r['loss']:.4f}"
-        rows.append((preset, str(r["seq_len"]), f"{r['peak_rss_gib']:.2f}", f"{r['wall_s']:.1f}",
-                     f"{r['step_s']:.1f}", loss, attention, chunk))
+        row = (preset, str(r["seq_len"]), f"{r['peak_rss_gib']:.2f}", f"{r['wall_s']:.1f}",
+               f"{r['step_s']:.1f}", loss, attention, chunk)
+        if planned:
+            grow_plan = r["planned_bytes"] - runs[0]["planned_bytes"]
+            grow_rss = (r["peak_rss_kib"] - runs[0]["peak_rss_kib"]) * 1024
+            row += (f"{r['planned_bytes'] / 2**30:.2f}", f"{grow_rss / grow_plan:.2f}" if grow_plan > 0 else "-")
+        rows.append(row)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
@@ -185,6 +208,8 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--json", help="also write the results to this JSON file")
     ap.add_argument("--timeout", type=float, help="seconds a run may take before it is stopped (default: no limit)")
     ap.add_argument("--verbose", action="store_true", help="show the trainer's output instead of capturing it")
+    ap.add_argument("--plan", action="store_true", help="also plan each run with qlora_jax.memory (compiles in this "
+                    "process, not the measured child) and compare the growth over the first run")
     args = ap.parse_args(argv)
     bad = [s for s in args.seq_len if s < 2]
     if bad:
@@ -215,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {err}", file=sys.stderr)
                 return 1
             r = runs[-1]
+            if args.plan:
+                r["planned_bytes"] = planned_bytes(r, config)
             print(f"seq_len {seq_len}: peak RSS {r['peak_rss_gib']:.2f} GiB, {r['wall_s']:.1f} s, "
                   f"loss {r['loss']}", flush=True)
         print(table(args.preset, config, runs))
