@@ -8,22 +8,13 @@ largest entry.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_attention", ROOT / "scripts" / "bench_attention.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from testlib import load_script
 
 
 def test_tiny_run_reports_reference_and_chunked(tmp_path, capsys):
-    bench = _load_script()
+    bench = load_script("bench_attention")
     t = 96  # one tiny length (the dry run does 64 and 96); two segments of 48
     bench.main(["--tiny", "--seq-lens", str(t), "--packed", "2",
                 "--json", str(tmp_path / "a.json"), "--markdown", str(tmp_path / "a.md")])

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
-from testlib import TOL
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "scripts" / "bench_kernels.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from testlib import TOL, load_script
 
 
 def test_tiny_run_reports_every_row(tmp_path, capsys):
-    bench = _load_script()
+    bench = load_script("bench_kernels")
     bench.main(["--tiny", "--json", str(tmp_path / "b.json"), "--markdown", str(tmp_path / "b.md")])
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     kinds = [r["kind"] for r in rows]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -10,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+
+from testlib import load_script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "long_context.py"
@@ -47,9 +48,7 @@ def test_failed_run_names_the_seq_len(tmp_path):
 
 
 def test_bad_arguments_are_named():
-    spec = importlib.util.spec_from_file_location("long_context", SCRIPT)
-    lc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lc)
+    lc = load_script("long_context")
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
         lc.preset_config("nope")
     with pytest.raises(ValueError, match="--vocab 1000 must be >= 49152"):

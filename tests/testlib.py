@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +25,17 @@ TOL = {
     # float32 matmuls on a GPU, where dots take TF32 inputs by default (reference and kernel alike)
     "matmul_rel_tf32": 3e-3,
 }
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # float32 unit roundoff: one rounding moves a value by at most this fraction of it
