@@ -8,8 +8,9 @@ XLA schedules an op as soon as its inputs exist. Two places need an op to wait:
   float32, 1024 tokens), XLA's temporaries grow by 0.83 GiB per layer, the layer's
   whole dequantized weight, instead of 17 MiB (``tests/kernels/test_schedule.py``
   checks the growth on a small model);
-* a rematerialized layer's recomputation must wait for the backward pass
-  (``qlora_jax.models.remat``);
+* a rematerialized layer's recomputation must wait for the backward pass (an
+  unrolled model needed a custom VJP built on ``tie_to`` for it on jaxlib 0.10.2;
+  the layer scan runs forward and backward as two loops and needs none);
 * a loop's zero-initialized buffers (accumulators, stacked outputs) are constants:
   XLA merges the identical ones of every layer into one, then gives each loop its
   own copy of it at the start of the step, so every layer's buffers are live at

@@ -24,8 +24,8 @@ optimizer state donated) is lowered on abstract shapes (``jax.ShapeDtypeStruct``
 allocated) and compiled, and ``compiled.memory_analysis().temp_size_in_bytes`` is the plan's
 ``step_temp``. Two approximations, where compiling the real thing is impossible or too slow:
 
-* **Depth.** Layers are unrolled, so compile time grows with depth (seconds per layer at Llama-3-8B's
-  shapes). A model of more than ``max(EXTRAPOLATION_DEPTHS)`` layers is compiled at 2 and 3 layers and
+* **Depth.** The layers are one scan, so a deep model compiles about as fast as a shallow one, but
+  every probe of ``max_context`` is a compile; to keep them cheap a model of more than ``max(EXTRAPOLATION_DEPTHS)`` layers is compiled at 2 and 3 layers and
   extrapolated linearly, ``temp(L) = temp(2) + (L - 2) * (temp(3) - temp(2))``: every layer after the
   first adds its saved input and nothing else at remat full (``tests/test_memory.py`` checks the
   extrapolation against a direct compile).
@@ -34,6 +34,12 @@ allocated) and compiled, and ``compiled.memory_analysis().temp_size_in_bytes`` i
   residuals (q, k, v, the output and the row log-sum-exp, O(T)). The CPU compiler also upcasts bf16
   matmuls to float32 around the dots, so bf16 plans run high against a GPU's; a GPU measurement
   (``scripts/gpu_check.sh``) is the final word.
+
+``remat="offload"`` (each layer's saved input on the host): XLA's CPU compiler drops the offload
+(host and device are one RAM there), so the step compiles to remat full's; the plan then moves the
+saved inputs, ``L * batch * seq_len * hidden * itemsize(compute dtype)``, from the step's device
+temporaries to the host column (``offloaded_activations``). ``tests/models/test_scan.py`` checks, on
+the CUDA lowering, that exactly those ``(batch, seq_len, hidden)`` inputs are what goes to pinned_host.
 
 ``offload`` (the optimizer state on the host): the step is compiled with the state on the device and
 the state is then left out of the device total, except while it is updated:
@@ -104,6 +110,7 @@ class MemoryPlan:
     base_count: int  # frozen weights
     attention: str  # the attention implementation the step was compiled with
     extrapolated: bool  # step_temp extrapolated from EXTRAPOLATION_DEPTHS layers
+    offloaded_activations: int = 0  # remat offload: the layers' saved inputs, in host memory
 
     @property
     def base_weights(self) -> int:
@@ -116,7 +123,7 @@ class MemoryPlan:
 
     @property
     def host_bytes(self) -> int:
-        return self.optimizer_state if self.optimizer_on_host else 0
+        return (self.optimizer_state if self.optimizer_on_host else 0) + self.offloaded_activations
 
     def fits(self, device_bytes: int) -> bool:
         """True when the step's device total is at most ``device_bytes``."""
@@ -230,20 +237,22 @@ def state_bytes(config: LlamaConfig, *, lora: LoraConfig = LoraConfig(), quant: 
         raise ValueError(f"quant must be a QuantConfig or None, got {type(quant).__name__}")
     base = _bytes("base_dtype", base_dtype)
     codes = scales = nested = unquantized = base_count = 0
-    lora_sizes = []
+    lora_sizes: dict[tuple[str, str, str], int] = {}  # one stacked (L, ...) leaf per projection and factor
     for name, shape in expected_shapes(config).items():
         size = math.prod(shape)
         base_count += size
         m = _PROJ.match(name)
         if m and lora.rank > 0 and m.group(3) in lora.targets:
-            lora_sizes += [shape[1] * lora.rank, lora.rank * shape[0]]  # A (in, r), B (r, out)
+            for factor, size in (("a", shape[1] * lora.rank), ("b", lora.rank * shape[0])):  # A (in, r), B (r, out)
+                key = (m.group(2), m.group(3), factor)
+                lora_sizes[key] = lora_sizes.get(key, 0) + size
         if m and quant is not None:
             parts = quantized_bytes(size, quant)
             codes, scales, nested = codes + parts[0], scales + parts[1], nested + parts[2]
         else:
             unquantized += size * (4 if name.endswith("norm.weight") else base)
-    count = sum(lora_sizes)
-    state = sum(adam_state_bytes(s, optimizer) for s in lora_sizes) + STEP_COUNTER_BYTES
+    count = sum(lora_sizes.values())
+    state = sum(adam_state_bytes(s, optimizer) for s in lora_sizes.values()) + STEP_COUNTER_BYTES
     return StateBytes(codes, scales, nested, unquantized, 4 * count, state, count, base_count)
 
 
@@ -273,10 +282,14 @@ def plan(config: LlamaConfig, *, batch: int, seq_len: int, lora: LoraConfig = Lo
     shape = StepShape(batch, seq_len, lora, quant, optimizer, remat, jnp.dtype(compute_dtype).name,
                       jnp.dtype(base_dtype).name, impl, loss_chunk)
     temp, extrapolated = step_temp_bytes(config, shape)
+    on_host = 0
+    if remat == "offload":  # compiled as remat full on the CPU (module docstring)
+        on_host = config.num_hidden_layers * batch * seq_len * config.hidden_size * _bytes("compute_dtype", compute_dtype)
+        temp -= on_host
     update = 8 * s.lora_count + 2 * s.optimizer_state if offload else 0
     return MemoryPlan(s.quant_codes, s.quant_scales, s.quant_nested, s.unquantized, s.lora_params, s.optimizer_state,
                       bool(offload), BATCH_BYTES_PER_TOKEN * batch * seq_len, temp, update, s.lora_count,
-                      s.base_count, impl, extrapolated)
+                      s.base_count, impl, extrapolated, on_host)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,6 +370,8 @@ def table(p: MemoryPlan, title: str = "", device_gib: float | None = None) -> st
             (f"LoRA params (fp32, {p.lora_count / 1e6:.1f}M)", p.lora_params),
             ("optimizer state", state_dev, state_host), ("batch", p.batch_bytes),
             (f"step temporaries (XLA, {how})", p.step_temp)]
+    if p.offloaded_activations:
+        rows.append(("layer inputs saved for the backward (remat offload)", 0, p.offloaded_activations))
     if p.update > p.step_temp:
         rows.append(("offloaded update (peak instead of the step's)", p.update))
     lines = [title] if title else []

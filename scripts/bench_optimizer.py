@@ -31,17 +31,15 @@ LLAMA3_8B_LINEAR = {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "v_proj": (4
 
 
 def lora_tree(layers: int, rank: int, shapes=LLAMA3_8B_LINEAR, scale: int = 1):
-    """``{"layers_i": {proj: {"lora_a": (in, r), "lora_b": (r, out)}}}`` of random fp32 (sizes divided by ``scale``)."""
+    """``{"layers": {proj: {"lora_a": (L, in, r), "lora_b": (L, r, out)}}}`` of random fp32 (the models' stacked
+    layout; sizes divided by ``scale``)."""
     key = jax.random.key(0)
-    tree = {}
-    for i in range(layers):
-        layer = {}
-        for name, (fan_in, fan_out) in shapes.items():
-            key, ka, kb = jax.random.split(key, 3)
-            layer[name] = {"lora_a": jax.random.normal(ka, (fan_in // scale, rank), jnp.float32) * 0.01,
-                           "lora_b": jax.random.normal(kb, (rank, fan_out // scale), jnp.float32) * 0.01}
-        tree[f"layers_{i}"] = layer
-    return tree
+    layer = {}
+    for name, (fan_in, fan_out) in shapes.items():
+        key, ka, kb = jax.random.split(key, 3)
+        layer[name] = {"lora_a": jax.random.normal(ka, (layers, fan_in // scale, rank), jnp.float32) * 0.01,
+                       "lora_b": jax.random.normal(kb, (layers, rank, fan_out // scale), jnp.float32) * 0.01}
+    return {"layers": layer}
 
 
 def _bytes(tree, kind=None) -> int:

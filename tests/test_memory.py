@@ -201,6 +201,21 @@ def test_8bit_and_offload_shrink_the_device_total():
     assert off.fits(off.device_bytes) and not off.fits(off.device_bytes - 1)
 
 
+def test_activation_offload_moves_the_saved_layer_inputs_to_the_host():
+    """remat offload compiles to remat full's program on the CPU; the plan moves L x B x T x d inputs to the host,
+    and each layer's compiled growth is at least its own saved input (what the offload takes away)."""
+    kw = {**PLAN_KW, "seq_len": 1024, "platform": "cpu"}
+    full, off = memory.plan(TINY, **kw), memory.plan(TINY, **{**kw, "remat": "offload"})
+    assert memory.compiled_step_temp(TINY, _shape(remat="offload")) == memory.compiled_step_temp(TINY, _shape())
+    itemsize = 4  # PLAN_KW computes in float32
+    saved = TINY.num_hidden_layers * kw["batch"] * 1024 * TINY.hidden_size * itemsize
+    assert off.offloaded_activations == saved and off.host_bytes == full.host_bytes + saved
+    assert off.device_bytes == full.device_bytes - saved
+    grow = [memory.compiled_step_temp(dataclasses.replace(TINY, num_hidden_layers=n), _shape()) for n in (2, 3)]
+    assert grow[1] - grow[0] >= saved / TINY.num_hidden_layers
+    assert "remat offload" in memory.table(off)
+
+
 def test_bad_input_raises_naming_it():
     with pytest.raises(ValueError, match="llama-9b"):
         memory.resolve_model("llama-9b")

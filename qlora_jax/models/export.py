@@ -21,17 +21,22 @@ import numpy as np
 
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.models.llama import ALL_TARGETS, LoraConfig
+from qlora_jax.models.stacking import LAYERS, check_stacked, layer_slice, num_stacked
 from qlora_jax.quant import QuantizedArray, dequantize, quantize
 
 _PEFT_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
 
 
 def _lora_modules(params: dict[str, Any]):
-    """Yields ``(layer_index, group, projection, A (in, r), B (r, out))`` in layer order."""
-    for layer_name in sorted(params, key=lambda n: int(n.split("_")[1])):
-        for group, projs in params[layer_name].items():
+    """Yields ``(layer_index, group, projection, A (in, r), B (r, out))`` in layer order, from the stacked tree."""
+    check_stacked(params, "the LoRA params")
+    layers = params.get(LAYERS, {})
+    if not layers:
+        return
+    for i in range(num_stacked(layers)):
+        for group, projs in layers.items():
             for proj, ab in projs.items():
-                yield int(layer_name.split("_")[1]), group, proj, ab["lora_a"], ab["lora_b"]
+                yield i, group, proj, ab["lora_a"][i], ab["lora_b"][i]
 
 
 def save_peft_adapter(folder: str | os.PathLike, params: dict[str, Any], lora: LoraConfig,
@@ -61,8 +66,14 @@ def save_peft_adapter(folder: str | os.PathLike, params: dict[str, Any], lora: L
         json.dump(config, f, indent=2)
 
 
-def load_peft_adapter(folder: str | os.PathLike, param_dtype=jnp.float32) -> tuple[dict[str, Any], LoraConfig]:
-    """Reads a PEFT LoRA folder back into ``(params, LoraConfig)``."""
+def load_peft_adapter(folder: str | os.PathLike, param_dtype=jnp.float32,
+                      num_layers: int | None = None) -> tuple[dict[str, Any], LoraConfig]:
+    """Reads a PEFT LoRA folder back into ``(params, LoraConfig)``, stacked over the layers.
+
+    ``num_layers`` is the model's depth (default: the highest layer in the file, plus one).
+    A layer the adapter leaves out (PEFT's ``layers_to_transform``) gets ``A = B = 0``,
+    which adds nothing, as PEFT's missing adapter does.
+    """
     from safetensors.numpy import load_file
 
     folder = os.fspath(folder)
@@ -79,16 +90,37 @@ def load_peft_adapter(folder: str | os.PathLike, param_dtype=jnp.float32) -> tup
         raise ValueError(f"{cfg_path}: target_modules {unknown} are not Llama projections {ALL_TARGETS}")
     lora = LoraConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)),
                       use_rslora=bool(cfg.get("use_rslora", False)), targets=tuple(t for t in ALL_TARGETS if t in targets))
-    params: dict[str, Any] = {}
-    for key, value in load_file(os.path.join(folder, "adapter_model.safetensors")).items():
+    per_layer: dict[tuple[str, str, str], dict[int, Any]] = {}
+    weights = os.path.join(folder, "adapter_model.safetensors")
+    for key, value in load_file(weights).items():
         m = _PEFT_KEY.match(key.replace(".default.", "."))
         if not m:
             raise ValueError(f"adapter tensor {key!r} is not a Llama projection's LoRA weight")
         i, group, proj, ab = m.groups()
         if value.shape[0 if ab == "A" else 1] != lora.rank:
             raise ValueError(f"{key} has shape {value.shape}, inconsistent with r={lora.rank}")
-        leaf = params.setdefault(f"layers_{i}", {}).setdefault(group, {}).setdefault(proj, {})
-        leaf["lora_a" if ab == "A" else "lora_b"] = jnp.asarray(value.T, param_dtype)
+        per_layer.setdefault((group, proj, "lora_a" if ab == "A" else "lora_b"), {})[int(i)] = value.T
+    if not per_layer:
+        raise ValueError(f"{weights} holds no LoRA weights")
+    deepest = max(i for layers in per_layer.values() for i in layers) + 1
+    depth = deepest if num_layers is None else num_layers
+    if deepest > depth:
+        raise ValueError(f"{weights} has an adapter for layer {deepest - 1}, the model has {depth} layers")
+    params: dict[str, Any] = {}
+    for (group, proj, leaf), layers in per_layer.items():
+        shape = next(iter(layers.values())).shape
+        odd = [i for i, v in layers.items() if v.shape != shape]
+        if odd:
+            raise ValueError(f"{weights}: {proj}.{leaf} of layer {odd[0]} has shape {layers[odd[0]].shape[::-1]}, "
+                             f"other layers {shape[::-1]}")
+        stack = np.zeros((depth, *shape), np.float32)
+        for i, v in layers.items():
+            stack[i] = v
+        params.setdefault(LAYERS, {}).setdefault(group, {}).setdefault(proj, {})[leaf] = jnp.asarray(stack, param_dtype)
+    for (group, proj, leaf) in per_layer:
+        other = "lora_b" if leaf == "lora_a" else "lora_a"
+        if other not in params[LAYERS][group][proj]:
+            raise ValueError(f"{weights}: {group}.{proj} has {leaf} weights but no {other}")
     return params, lora
 
 
@@ -124,10 +156,10 @@ def merged_tensors(variables: dict[str, Any], lora: LoraConfig) -> dict[str, np.
                                   "model.norm.weight": _f32(frozen["norm"]["weight"])}
     if "lm_head" in frozen:
         out["lm_head.weight"] = _f32(frozen["lm_head"])
-    for layer_name, layer in frozen.items():
-        if not layer_name.startswith("layers_"):
-            continue
-        i = layer_name.split("_")[1]
+    check_stacked(variables, "the variables")
+    stacked, lora_stacked = frozen[LAYERS], params.get(LAYERS, {})
+    for i in range(num_stacked(stacked)):
+        layer, lora_layer = layer_slice(stacked, i), layer_slice(lora_stacked, i)
         for norm in ("input_layernorm", "post_attention_layernorm"):
             out[f"model.layers.{i}.{norm}.weight"] = _f32(layer[norm]["weight"])
         for group in ("self_attn", "mlp"):
@@ -135,7 +167,7 @@ def merged_tensors(variables: dict[str, Any], lora: LoraConfig) -> dict[str, np.
                 if not proj.endswith("_proj"):
                     continue
                 w = _f32(leaves["kernel"])
-                ab = params.get(layer_name, {}).get(group, {}).get(proj)
+                ab = lora_layer.get(group, {}).get(proj)
                 if ab is not None:
                     w = w + scale * (np.asarray(ab["lora_a"], np.float32) @ np.asarray(ab["lora_b"], np.float32)).T
                 out[f"model.layers.{i}.{group}.{proj}.weight"] = w

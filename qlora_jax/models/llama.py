@@ -13,29 +13,33 @@ takes with ``head_table``). Attention goes through ``qlora_jax.models.attention`
 within its own segment (packed sequences). RMSNorm math is float32. Every projection is a ``QLoRADense``; embeddings, norms
 and the head live in the ``"frozen"`` collection, unquantized.
 
-Variable names mirror Hugging Face's (``layers_3/self_attn/q_proj``), so loaders
-map ``model.layers.3.self_attn.q_proj.weight`` by rule.
+The decoder layers are one ``nn.scan`` (``scanned_layers``), so a model of any depth
+compiles one layer: every layer variable is stacked along a leading layer axis under
+``layers/`` (``frozen/layers/self_attn/q_proj/kernel`` is a ``QuantizedArray`` whose
+leaves are ``(L, ...)``; ``params/layers/.../lora_a`` is ``(L, in, r)``). Below
+``layers`` the names mirror Hugging Face's, so loaders map
+``model.layers.3.self_attn.q_proj.weight`` to index 3 of ``layers/self_attn/q_proj``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from qlora_jax.kernels import BACKENDS
 from qlora_jax.layers import FROZEN, QLoRADense, QuantConfig
 from qlora_jax.models.attention import IMPLEMENTATIONS, attention
 from qlora_jax.models.config import LlamaConfig
-from qlora_jax.models.remat import remat_layer
 from qlora_jax.models.rope import apply_rope, inv_frequencies
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable")
+REMAT_POLICIES = ("none", "full", "offload", "dots_saveable", "nothing_saveable")
+LAYER_INPUT = "decoder_layer_input"  # the checkpoint_name of each layer's saved input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,16 +139,60 @@ class MLP(_Sublayer):
 
 
 class DecoderLayer(_Sublayer):
+    """One pre-norm block; ``__call__(h, positions, segment_ids, kv, index) -> (h, new kv)``.
+
+    ``kv`` is this layer's ``{"k", "v"}`` cache (``(B, S, KV, head_dim)`` each) or ``None``;
+    ``index`` is where the new keys go. The layer's input is tagged ``LAYER_INPUT``
+    (``checkpoint_name``) so that the ``offload`` remat policy can move it to host memory.
+    """
+
+    deterministic: bool = True
+
     @nn.compact
-    def __call__(self, h, positions, segment_ids, cache, deterministic):
+    def __call__(self, h, positions, segment_ids, kv, index):
         c = self.config
+        h = checkpoint_name(h, LAYER_INPUT)
+        cache = None if kv is None else {**kv, "index": index}
         attn_out, new_cache = Attention(c, self.lora, self.quant, self.dtype, self.backend, self.attention,
                                         name="self_attn")(
-            RMSNorm(c.rms_norm_eps, name="input_layernorm")(h), positions, segment_ids, cache, deterministic)
+            RMSNorm(c.rms_norm_eps, name="input_layernorm")(h), positions, segment_ids, cache, self.deterministic)
         h = h + attn_out
         x = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(h)
-        h = h + MLP(c, self.lora, self.quant, self.dtype, self.backend, self.attention, name="mlp")(x, deterministic)
-        return h, new_cache
+        h = h + MLP(c, self.lora, self.quant, self.dtype, self.backend, self.attention, name="mlp")(x, self.deterministic)
+        return h, None if new_cache is None else {"k": new_cache["k"], "v": new_cache["v"]}
+
+
+def remat_policy(remat: str):
+    """The ``jax.checkpoint`` policy of a ``REMAT_POLICIES`` name (``full``: save nothing but the layer's input).
+
+    ``offload`` saves nothing on the device: each layer's input (``LAYER_INPUT``) goes to
+    ``pinned_host`` memory in the forward and comes back for that layer's backward.
+    """
+    if remat not in REMAT_POLICIES or remat == "none":
+        raise ValueError(f"remat={remat!r} has no checkpoint policy; choose from {REMAT_POLICIES[1:]}")
+    if remat == "full":
+        return None
+    if remat == "offload":
+        return jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
+            offload_src="device", offload_dst="pinned_host")
+    return getattr(jax.checkpoint_policies, remat)
+
+
+def scanned_layers(remat: str, num_layers: int):
+    """``DecoderLayer`` as one ``nn.scan`` over a leading layer axis of every variable.
+
+    Each layer's variables (packed 4-bit codes and scales, norms, LoRA ``A``/``B``) are
+    stacked along axis 0 under ``layers/...``; the hidden state is the scan's carry, the KV
+    cache is scanned with the weights, positions and segment ids are broadcast. With
+    ``remat`` the layer is rematerialized inside the scan, so the backward scan recomputes
+    one layer at a time from its saved input.
+    """
+    layer_cls = DecoderLayer
+    if remat != "none":
+        layer_cls = nn.remat(DecoderLayer, policy=remat_policy(remat), prevent_cse=False)
+    return nn.scan(layer_cls, variable_axes={"params": 0, FROZEN: 0}, split_rngs={"params": True, "dropout": True},
+                   in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=num_layers)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -172,25 +220,19 @@ class LlamaForCausalLM(nn.Module):
                  return_hidden: bool = False):
         c = self.config
         b, t = tokens.shape
+        if cache is not None:
+            _check_cache(cache, c)
         if positions is None:
-            start = 0 if cache is None else cache[0]["index"]
+            start = 0 if cache is None else cache["index"]
             positions = jnp.broadcast_to(jnp.arange(t)[None, :] + start, (b, t))
         embedding = self.variable(FROZEN, "embed_tokens", self._random_table).value
         embedding = jax.lax.stop_gradient(embedding)
         h = jnp.take(embedding, tokens, axis=0).astype(self.dtype)
-        layer_cls = DecoderLayer
-        if self.remat != "none":
-            policy = None if self.remat == "full" else getattr(jax.checkpoint_policies, self.remat)
-            layer_cls = nn.remat(DecoderLayer, policy=policy, static_argnums=(5,))
-        new_cache = []
-        for i in range(c.num_hidden_layers):
-            layer = layer_cls(c, self.lora, self.quant, self.dtype, self.backend, self.attention, name=f"layers_{i}")
-            if self.remat != "none" and cache is None:
-                call = functools.partial(_layer_output, deterministic=deterministic)
-                h, layer_cache = remat_layer(layer, h, positions, segment_ids, call=call), None
-            else:
-                h, layer_cache = layer(h, positions, segment_ids, None if cache is None else cache[i], deterministic)
-            new_cache.append(layer_cache)
+        layers = scanned_layers(self.remat if cache is None else "none", c.num_hidden_layers)(
+            c, self.lora, self.quant, self.dtype, self.backend, self.attention, deterministic=deterministic,
+            name="layers")
+        kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+        h, new_kv = layers(h, positions, segment_ids, kv, None if cache is None else cache["index"])
         h = RMSNorm(c.rms_norm_eps, name="norm")(h)
         if return_hidden:
             if cache is not None:
@@ -201,7 +243,9 @@ class LlamaForCausalLM(nn.Module):
         else:
             head = jax.lax.stop_gradient(self.variable(FROZEN, "lm_head", self._random_table).value)
         logits = jnp.einsum("btd,vd->btv", h, head.astype(self.dtype), preferred_element_type=jnp.float32)
-        return logits if cache is None else (logits, new_cache)
+        if cache is None:
+            return logits
+        return logits, {**new_kv, "index": cache["index"] + t}
 
     def _random_table(self) -> jax.Array:
         """A fresh ``(vocab, hidden)`` bf16 table, N(0, 0.02^2), for a model built without weights."""
@@ -209,9 +253,14 @@ class LlamaForCausalLM(nn.Module):
         return (jax.random.normal(self.make_rng("params"), shape, jnp.float32) * 0.02).astype(jnp.bfloat16)
 
 
-def _layer_output(layer, h, positions, segment_ids, deterministic):
-    """A decoder layer's hidden-state output without a KV cache (what ``remat_layer`` recomputes)."""
-    return layer(h, positions, segment_ids, None, deterministic)[0]
+def _check_cache(cache, config: LlamaConfig) -> None:
+    if not isinstance(cache, dict) or set(cache) != {"k", "v", "index"}:
+        raise ValueError("cache must be init_cache's {'k', 'v', 'index'} (one stacked array per k and v, "
+                         f"layers on axis 0); got {type(cache).__name__} "
+                         f"{sorted(cache) if isinstance(cache, dict) else ''}")
+    if cache["k"].shape[0] != config.num_hidden_layers:
+        raise ValueError(f"cache['k'] has shape {cache['k'].shape}: axis 0 must be the "
+                         f"{config.num_hidden_layers} layers")
 
 
 def head_table(config: LlamaConfig, variables) -> jax.Array:
@@ -220,8 +269,7 @@ def head_table(config: LlamaConfig, variables) -> jax.Array:
     return frozen["embed_tokens"] if config.tie_word_embeddings else frozen["lm_head"]
 
 
-def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=jnp.bfloat16) -> list[dict[str, jax.Array]]:
-    """An empty KV cache: per layer ``k, v`` of ``(batch, max_length, KV, head_dim)`` and a fill index."""
-    shape = (batch, max_length, config.num_key_value_heads, config.head_dim)
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)}
-            for _ in range(config.num_hidden_layers)]
+def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=jnp.bfloat16) -> dict[str, jax.Array]:
+    """An empty KV cache, stacked like the layers: ``k, v`` of ``(L, batch, max_length, KV, head_dim)`` and a fill index."""
+    shape = (config.num_hidden_layers, batch, max_length, config.num_key_value_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)}

@@ -2,9 +2,10 @@
 
 ``variables_from_tensors`` consumes ``(name, array)`` pairs in HF naming
 (``model.layers.3.self_attn.q_proj.weight``), puts each where the Flax model
-expects it, quantizes projection weights as they arrive (on the device they
-live on; the float copy is dropped right after), and initialises LoRA as PEFT
-does. Linear weights keep PyTorch's ``(out, in)`` layout, so NF4 bytes are
+expects it (layer 3 of the stacked ``layers/self_attn/q_proj/kernel``,
+``qlora_jax.models.stacking``), quantizes projection weights as they arrive (on
+the device they live on; the float copy is dropped right after, and the stacked
+arrays are written in place), and initialises LoRA as PEFT does. Linear weights keep PyTorch's ``(out, in)`` layout, so NF4 bytes are
 bitsandbytes' bytes.
 """
 
@@ -22,6 +23,7 @@ import numpy as np
 from qlora_jax.layers import FROZEN, QuantConfig
 from qlora_jax.models.config import LlamaConfig
 from qlora_jax.models.llama import LoraConfig
+from qlora_jax.models.stacking import LAYERS, StackedWriter
 from qlora_jax.quant import QuantizedArray, quantize
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.(weight|bias)$")
@@ -67,6 +69,7 @@ def variables_from_tensors(
     """
     shapes = expected_shapes(config)
     frozen: dict[str, Any] = {}
+    layers = StackedWriter(config.num_hidden_layers)
     seen = set()
     unknown = []
     for name, value in tensors:
@@ -78,26 +81,35 @@ def variables_from_tensors(
         shape = tuple(value.shape)
         if shape != shapes[name]:
             raise ValueError(f"tensor {name} has shape {shape}, the config needs {shapes[name]}")
-        path, stored = _place(name, value, quant, base_dtype)
+        path, layer, stored = _place(name, value, quant, base_dtype)
         # wait for this tensor's conversion before reading the next: with async dispatch the
         # float copies would otherwise pile up, and peak memory would be the float model's
-        _set(frozen, path, jax.block_until_ready(stored))
-        del value
+        if layer is None:
+            _set(frozen, path, jax.block_until_ready(stored))
+        else:
+            layers.write(path, layer, stored)
+        del value, stored
         seen.add(name)
     if unknown:
         raise ValueError(f"{len(unknown)} tensors the {config.model_type} model does not use: {unknown[:5]}")
     missing = [n for n in shapes if n not in seen]
     if missing:
         raise ValueError(f"{len(missing)} tensors missing from the checkpoint, e.g. {missing[:5]}")
+    for path, stack in layers.items():
+        _set(frozen, (LAYERS, *path), stack)
     params = init_lora(config, lora, jax.random.key(0) if key is None else key, param_dtype)
     return {"params": params, FROZEN: frozen}
 
 
 def init_lora(config: LlamaConfig, lora: LoraConfig, key: jax.Array, param_dtype=jnp.float32) -> dict[str, Any]:
-    """PEFT's init for every targeted projection: ``A ~ U(+-1/sqrt(in))`` ``(in, r)``, ``B = 0`` ``(r, out)``."""
-    params: dict[str, Any] = {}
+    """PEFT's init for every targeted projection: ``A ~ U(+-1/sqrt(in))`` ``(in, r)``, ``B = 0`` ``(r, out)``.
+
+    Stacked over the layers (``(L, in, r)`` and ``(L, r, out)``); layer ``i``'s ``A`` is
+    drawn from the ``k``-th split of ``key`` in HF tensor order, as it always was.
+    """
+    per_layer: dict[tuple[str, ...], list] = {}
     if lora.rank == 0:
-        return params
+        return {}
     for name, shape in expected_shapes(config).items():
         m = _LAYER.match(name)
         if not m or m.group(4) != "weight" or m.group(3) not in lora.targets:
@@ -105,36 +117,41 @@ def init_lora(config: LlamaConfig, lora: LoraConfig, key: jax.Array, param_dtype
         out_f, in_f = shape
         key, sub = jax.random.split(key)
         bound = 1.0 / math.sqrt(in_f)
-        path = (f"layers_{m.group(1)}", m.group(2), m.group(3))
-        _set(params, path + ("lora_a",), jax.random.uniform(sub, (in_f, lora.rank), param_dtype, -bound, bound))
-        _set(params, path + ("lora_b",), jnp.zeros((lora.rank, out_f), param_dtype))
+        path = (m.group(2), m.group(3))
+        per_layer.setdefault(path + ("lora_a",), []).append(
+            jax.random.uniform(sub, (in_f, lora.rank), param_dtype, -bound, bound))
+        per_layer.setdefault(path + ("lora_b",), []).append(jnp.zeros((lora.rank, out_f), param_dtype))
+    params: dict[str, Any] = {}
+    for path, leaves in per_layer.items():
+        _set(params, (LAYERS, *path), jnp.stack(leaves))
     return params
 
 
-def _place(name: str, value, quant: QuantConfig | None, base_dtype) -> tuple[tuple[str, ...], Any]:
+def _place(name: str, value, quant: QuantConfig | None, base_dtype) -> tuple[tuple[str, ...], int | None, Any]:
+    """``(path, layer, stored value)``: ``layer`` is ``None`` outside the decoder layers."""
     if isinstance(value, QuantizedArray):  # pre-quantized (a bnb checkpoint): kept, or dequantized for a float base
         m = _LAYER.match(name)
         if not m or m.group(4) != "weight":
             raise ValueError(f"tensor {name} is 4-bit quantized; only projection weights may be")
-        path = (f"layers_{m.group(1)}", m.group(2), m.group(3), "kernel")
-        return path, value if quant is not None else value.dequantize(base_dtype)
+        path = (m.group(2), m.group(3), "kernel")
+        return path, int(m.group(1)), value if quant is not None else value.dequantize(base_dtype)
     value = jnp.asarray(value)
     if name == "model.embed_tokens.weight":
-        return ("embed_tokens",), value.astype(base_dtype)
+        return ("embed_tokens",), None, value.astype(base_dtype)
     if name == "lm_head.weight":
-        return ("lm_head",), value.astype(base_dtype)
+        return ("lm_head",), None, value.astype(base_dtype)
     if name == "model.norm.weight":
-        return ("norm", "weight"), value.astype(jnp.float32)
+        return ("norm", "weight"), None, value.astype(jnp.float32)
     m = _NORM.match(name)
     if m:
-        return (f"layers_{m.group(1)}", m.group(2), "weight"), value.astype(jnp.float32)
+        return (m.group(2), "weight"), int(m.group(1)), value.astype(jnp.float32)
     m = _LAYER.match(name)
-    path = (f"layers_{m.group(1)}", m.group(2), m.group(3))
+    path, layer = (m.group(2), m.group(3)), int(m.group(1))
     if m.group(4) == "bias":
-        return path + ("bias",), value.astype(base_dtype)
+        return path + ("bias",), layer, value.astype(base_dtype)
     if quant is None:
-        return path + ("kernel",), value.astype(base_dtype)
-    return path + ("kernel",), quantize(value, quant.quant_type, quant.blocksize, double_quant=quant.double_quant)
+        return path + ("kernel",), layer, value.astype(base_dtype)
+    return path + ("kernel",), layer, quantize(value, quant.quant_type, quant.blocksize, double_quant=quant.double_quant)
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:

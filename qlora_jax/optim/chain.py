@@ -94,6 +94,7 @@ def make_optimizer(config: OptimizerConfig, total_steps: int, memory_kind: str =
     if skip_nonfinite:  # never gives up by itself: the trainer stops after too many bad steps in a row
         adam = optax.apply_if_finite(adam, max_consecutive_errors=2**31 - 1)
     if config.offload:
-        adam = offload_to_host(adam, memory_kind, group_by=top_level_group if config.offload_per_layer else None)
+        per_layer = config.offload_per_layer
+        adam = offload_to_host(adam, memory_kind, group_by=top_level_group if per_layer else None, split_layers=per_layer)
     parts = [optax.clip_by_global_norm(config.max_grad_norm)] if config.max_grad_norm is not None else []
     return optax.chain(*parts, adam)

@@ -9,9 +9,11 @@ keeps every array of ``tx``'s state in host memory (memory kind
     state_host = device_put(state', pinned_host)      # device -> host
 
 so the device holds the state only while it is being updated. With
-``group_by`` the state is split into groups (for example one per decoder
-layer: ``group_by=top_level_group``) that are brought over, updated and sent
-back one after another, so a group's state is the most the *update* needs on
+``group_by`` the state is split into groups that are brought over, updated and
+sent back one after another; ``split_layers=True`` also cuts every leaf under
+``layers`` (the models' layer-stacked leaves, ``(L, ...)``) into its ``L`` layer
+slices, so ``group_by=top_level_group, split_layers=True`` gives one group per
+decoder layer (each group's state holds that layer's ``(...)`` slices), so a group's state is the most the *update* needs on
 the device at once; whether XLA overlaps a group's transfer with the previous
 group's arithmetic is its scheduler's choice (docs/optimizer.md records what the
 compiled HLO shows).
@@ -41,9 +43,16 @@ class OffloadState(NamedTuple):
     groups: tuple
 
 
+STACKED = "layers"  # the top-level key of layer-stacked leaves (qlora_jax.models.stacking.LAYERS)
+
+
 def top_level_group(path: tuple) -> Hashable:
-    """Groups parameters by their first key (``layers_0``, ``layers_1``, ...): one group per layer."""
+    """Groups parameters by their first key (``layers``, ...); with ``split_layers``, one group per layer."""
     return _key_name(path[0]) if path else ""
+
+
+def _is_stacked(path: tuple) -> bool:
+    return bool(path) and _key_name(path[0]) == STACKED
 
 
 def _key_name(key) -> Hashable:
@@ -85,8 +94,11 @@ def place_like(state, params, memory_kind: str):
     if not shardings:
         return to_memory(state, memory_kind)
     by_shape = {}
-    for p in jax.tree.leaves(params):
+    for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
         by_shape.setdefault(p.shape, p.sharding)
+        if _is_stacked(path) and isinstance(p.sharding, NamedSharding):  # a layer's slice (split_layers groups)
+            spec = tuple(p.sharding.spec) + (None,) * (p.ndim - len(p.sharding.spec))
+            by_shape.setdefault(p.shape[1:], NamedSharding(p.sharding.mesh, PartitionSpec(*spec[1:])))
     first = shardings[0]
     replicated = NamedSharding(first.mesh, PartitionSpec()) if isinstance(first, NamedSharding) else first
     kind = "device" if memory_kind == "device" else memory_kind
@@ -111,29 +123,54 @@ def _check_arrays(state) -> None:
             )
 
 
-def _partition(tree, group_by):
-    """``(keys, index_lists)``: leaf indices of ``tree`` per group, in first-seen order of the groups."""
+def _partition(tree, group_by, split_layers: bool):
+    """``(keys, piece_lists)``: per group, its pieces ``(leaf index, layer or None)`` of ``tree``, groups in first-seen order.
+
+    A piece with a layer is slice ``layer`` of a stacked leaf (``split_layers``); groups of
+    slices are keyed ``(group key, layer)``.
+    """
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    groups: dict[Hashable, list[int]] = {}
-    for i, (path, _) in enumerate(leaves):
-        groups.setdefault(group_by(path) if group_by else None, []).append(i)
+    groups: dict[Hashable, list[tuple[int, int | None]]] = {}
+    for i, (path, leaf) in enumerate(leaves):
+        key = group_by(path) if group_by else None
+        if split_layers and _is_stacked(path):
+            for layer in range(leaf.shape[0]):
+                groups.setdefault((key, layer), []).append((i, layer))
+        else:
+            groups.setdefault(key, []).append((i, None))
     return list(groups), list(groups.values())
 
 
-def _pick(tree, indices):
+def _pick(tree, pieces):
     leaves = jax.tree.leaves(tree)
-    return [leaves[i] for i in indices]
+    return [leaves[i] if layer is None else leaves[i][layer] for i, layer in pieces]
+
+
+def _assemble(structure, pieces_values, num_leaves: int):
+    """The tree of ``structure`` from ``[(leaf index, layer or None, value)]``; layer slices are stacked in order."""
+    whole: list[Any] = [None] * num_leaves
+    slices: dict[int, dict[int, Any]] = {}
+    for i, layer, value in pieces_values:
+        if layer is None:
+            whole[i] = value
+        else:
+            slices.setdefault(i, {})[layer] = value
+    for i, by_layer in slices.items():
+        whole[i] = jax.numpy.stack([by_layer[layer] for layer in sorted(by_layer)])
+    return jax.tree.unflatten(structure, whole)
 
 
 def offload_to_host(
     tx: optax.GradientTransformation,
     memory_kind: str = "pinned_host",
     group_by: Callable[[tuple], Hashable] | None = None,
+    split_layers: bool = False,
 ) -> optax.GradientTransformation:
     """Wraps ``tx`` so that its state lives in ``memory_kind`` memory between steps (module docstring).
 
     ``group_by(path) -> key`` splits the parameters into groups updated one after
-    another (``top_level_group``: one per layer); None keeps one group.
+    another; None keeps one group. ``split_layers`` cuts the stacked leaves under
+    ``layers`` into per-layer slices first (with ``top_level_group``: one group per layer).
     ``memory_kind="device"`` turns offloading off (same code path, for comparisons).
     """
     if not (hasattr(tx, "init") and hasattr(tx, "update")):
@@ -141,24 +178,23 @@ def offload_to_host(
     kind = resolve_memory_kind(memory_kind)
 
     def init_fn(params):
-        _, index_lists = _partition(params, group_by)
-        states = tuple(tx.init(_pick(params, idx)) for idx in index_lists)
+        _, piece_lists = _partition(params, group_by, split_layers)
+        states = tuple(tx.init(_pick(params, pieces)) for pieces in piece_lists)
         _check_arrays(states)
         return OffloadState(groups=place_like(states, params, kind))
 
     def update_fn(updates, state, params=None):
-        _, index_lists = _partition(updates, group_by)
-        if len(index_lists) != len(state.groups):
-            raise ValueError(f"the state has {len(state.groups)} groups but the updates make {len(index_lists)}")
-        leaves = jax.tree.leaves(updates)
-        new_leaves: list[Any] = [None] * len(leaves)
+        _, piece_lists = _partition(updates, group_by, split_layers)
+        if len(piece_lists) != len(state.groups):
+            raise ValueError(f"the state has {len(state.groups)} groups but the updates make {len(piece_lists)}")
+        new_pieces = []
         new_states = []
-        for idx, group_state in zip(index_lists, state.groups):
-            group_params = None if params is None else _pick(params, idx)
-            group_updates, group_state = tx.update(_pick(updates, idx), to_memory(group_state, "device"), group_params)
-            for i, u in zip(idx, group_updates):
-                new_leaves[i] = u
+        for pieces, group_state in zip(piece_lists, state.groups):
+            group_params = None if params is None else _pick(params, pieces)
+            group_updates, group_state = tx.update(_pick(updates, pieces), to_memory(group_state, "device"), group_params)
+            new_pieces += [(i, layer, u) for (i, layer), u in zip(pieces, group_updates)]
             new_states.append(to_memory(group_state, kind))
-        return jax.tree.unflatten(jax.tree.structure(updates), new_leaves), OffloadState(groups=tuple(new_states))
+        new_updates = _assemble(jax.tree.structure(updates), new_pieces, len(jax.tree.leaves(updates)))
+        return new_updates, OffloadState(groups=tuple(new_states))
 
     return optax.GradientTransformation(init_fn, update_fn)

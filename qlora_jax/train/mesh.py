@@ -5,7 +5,9 @@
 * Parameters, the frozen base (the 4-bit codes and scales included) and the
   optimizer state are sharded over ``fsdp`` along their largest axis that
   ``fsdp`` divides, when they hold at least ``MIN_SHARDED`` elements; smaller
-  leaves are replicated. Under jit XLA gathers a weight where a layer needs it
+  leaves are replicated. The layer axis of the layer-stacked leaves (``layers/...``,
+  ``(L, ...)``) is never sharded: the layer scan slices it, and a sharded layer axis
+  would make every step of the scan fetch its slice from one device. Under jit XLA gathers a weight where a layer needs it
   (FSDP), so no device holds every layer's weights at once.
 * ``initialize_distributed()`` calls ``jax.distributed.initialize()`` when the
   usual multi-host variables are set (``JAX_COORDINATOR_ADDRESS``, or a
@@ -20,6 +22,8 @@ import os
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from qlora_jax.models.stacking import LAYERS
 
 MIN_SHARDED = 2**14
 _MULTI_HOST_VARS = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
@@ -49,12 +53,15 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(None, ("data", "fsdp")))
 
 
-def leaf_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
-    """FSDP rule for one array: its largest axis divisible by ``fsdp`` when large, else replicated."""
+def leaf_sharding(mesh: Mesh, shape: tuple[int, ...], stacked: bool = False) -> NamedSharding:
+    """FSDP rule for one array: its largest axis divisible by ``fsdp`` when large, else replicated.
+
+    ``stacked``: axis 0 is the layer axis, which is never sharded.
+    """
     fsdp = mesh.shape["fsdp"]
     if fsdp == 1 or int(np.prod(shape)) < MIN_SHARDED:
         return NamedSharding(mesh, P())
-    axes = sorted(range(len(shape)), key=lambda a: -shape[a])
+    axes = sorted(range(1 if stacked else 0, len(shape)), key=lambda a: -shape[a])
     for a in axes:
         if shape[a] % fsdp == 0:
             spec = [None] * len(shape)
@@ -65,9 +72,14 @@ def leaf_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
 
 def shard_tree(mesh: Mesh, tree):
     """``tree``'s arrays placed by ``leaf_sharding`` (keeping each array's memory kind)."""
-    def place(x):
+    def place(path, x):
         kind = getattr(getattr(x, "sharding", None), "memory_kind", None)
-        sharding = leaf_sharding(mesh, x.shape)
+        sharding = leaf_sharding(mesh, x.shape, stacked=is_stacked_path(path))
         return jax.device_put(x, sharding.with_memory_kind(kind) if kind else sharding)
 
-    return jax.tree.map(place, tree)
+    return jax.tree_util.tree_map_with_path(place, tree)
+
+
+def is_stacked_path(path) -> bool:
+    """True for a leaf under ``layers`` (``qlora_jax.models.stacking.LAYERS``): its axis 0 is the layer axis."""
+    return bool(path) and getattr(path[0], "key", None) == LAYERS

@@ -107,7 +107,7 @@ def test_merged_tensors_fold_the_adapter(rng):
     v = variables_from_tensors(config, cfg_tensors.items(), quant=None, lora=LORA, base_dtype=jnp.float32)
     v["params"] = jax.tree_util.tree_map(lambda p: p + 0.1, v["params"])
     out = merged_tensors(v, LORA)
-    ab = v["params"]["layers_0"]["self_attn"]["q_proj"]
-    expect = cfg_tensors["model.layers.0.self_attn.q_proj.weight"] + 2.0 * (np.asarray(ab["lora_a"]) @ np.asarray(ab["lora_b"])).T
+    ab = v["params"]["layers"]["self_attn"]["q_proj"]
+    expect = cfg_tensors["model.layers.0.self_attn.q_proj.weight"] + 2.0 * (np.asarray(ab["lora_a"][0]) @ np.asarray(ab["lora_b"][0])).T
     np.testing.assert_allclose(out["model.layers.0.self_attn.q_proj.weight"], expect, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(out["model.layers.0.self_attn.k_proj.weight"], cfg_tensors["model.layers.0.self_attn.k_proj.weight"])

@@ -46,8 +46,9 @@ def test_smollm2_loads_in_nf4_with_its_chat_template():
     """The real GGUF in NF4 + double quant, its chat template and tokens; that it answers "Paris"
     is the README example's assertion (tests/test_readme.py), which generates from it."""
     model, variables, tok = from_pretrained(_smollm2(), lora=LoraConfig(rank=8), dtype=jnp.float32)
-    kernel = variables["frozen"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    kernel = variables["frozen"]["layers"]["self_attn"]["q_proj"]["kernel"]
     assert kernel.quant_type == "nf4" and kernel.shape == (576, 576) and kernel.double_quant
+    assert kernel.codes.shape == (30, 576 * 576 // 2)  # the 30 layers stacked
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     assert prompt.endswith("<|im_start|>assistant\n")
     ids = tok.encode(prompt)

@@ -9,7 +9,7 @@ import pytest
 
 from qlora_jax.layers import QuantConfig, merge, split_trainable, trainable_summary
 from qlora_jax.models import LlamaConfig, LlamaForCausalLM, LoraConfig, init_cache, variables_from_tensors
-from testlib import random_llama_tensors
+from testlib import assert_trees_close, random_llama_tensors, reorder_rtol
 
 CFG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -33,7 +33,7 @@ def test_kv_cache_prefill_then_steps_equals_full_pass(rng):
     np.testing.assert_allclose(np.concatenate(parts, 1), full, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots_saveable", "nothing_saveable"])
+@pytest.mark.parametrize("remat", ["full", "offload", "dots_saveable", "nothing_saveable"])
 def test_remat_changes_nothing(rng, remat):
     model, v = _model_and_vars(rng)
     tokens = jnp.asarray(rng.integers(0, 128, (1, 9)))
@@ -43,8 +43,8 @@ def test_remat_changes_nothing(rng, remat):
     params, rest = split_trainable(v)
     g1 = jax.grad(lambda p: model.apply({"params": p, **rest}, tokens).sum())(params)
     g2 = jax.grad(lambda p: rem.apply({"params": p, **rest}, tokens).sum())(params)
-    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    # a recomputation sums in another order: the chains of sums run over hidden, ffn and T, forward and back
+    assert_trees_close(g2, g1, reorder_rtol(2 * CFG.num_hidden_layers * (CFG.hidden_size + CFG.intermediate_size + 9)))
 
 
 def test_packed_segments_do_not_attend_to_each_other(rng):
@@ -60,8 +60,9 @@ def test_packed_segments_do_not_attend_to_each_other(rng):
 
 def test_lora_targets_and_trainable_fraction(rng):
     model, v = _model_and_vars(rng, lora=LoraConfig(rank=4, targets=("q_proj", "v_proj")))
-    layer = v["params"]["layers_0"]
+    layer = v["params"]["layers"]
     assert set(layer) == {"self_attn"} and set(layer["self_attn"]) == {"q_proj", "v_proj"}
+    assert layer["self_attn"]["q_proj"]["lora_a"].shape == (CFG.num_hidden_layers, 64, 4)
     s = trainable_summary(v)
     assert s["trainable"] == 2 * 4 * ((64 + 64) + (64 + 32))
     tokens = jnp.asarray(rng.integers(0, 128, (1, 5)))

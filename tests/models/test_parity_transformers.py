@@ -10,6 +10,7 @@ from qlora_jax.layers import QuantConfig
 from qlora_jax.models.config import from_hf_config
 from qlora_jax.models.generate import generate, greedy_reference
 from qlora_jax.models.llama import LlamaForCausalLM, LoraConfig
+from qlora_jax.models.stacking import layer_slice
 from qlora_jax.models.weights import numpy_tensors, variables_from_tensors
 
 pytestmark = pytest.mark.oracle
@@ -91,7 +92,7 @@ def test_nf4_logits_match_bitsandbytes(rng, tmp_path):
         for group, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj"))):
             for name in names:
                 theirs = getattr(getattr(layer, group), name).weight.data.numpy().reshape(-1)
-                ours_q = v["frozen"][f"layers_{i}"][group][name]["kernel"]
+                ours_q = layer_slice(v["frozen"]["layers"][group][name]["kernel"], i)
                 np.testing.assert_array_equal(np.asarray(ours_q.codes), theirs, err_msg=f"layer {i} {name}")
     # (compared before bnb's first CPU forward, which repacks its weights in place for its kernel)
     tokens = rng.integers(0, 256, (2, 24))

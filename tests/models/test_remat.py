@@ -1,4 +1,10 @@
-"""``remat_layer``: same values and gradients as no remat, and the memory remat promises on this jaxlib too."""
+"""Remat inside the layer scan: same values and gradients as no remat, and the memory remat promises on both jaxlibs.
+
+jaxlib 0.10.2's CPU compiler merged an unrolled model's recomputation back into the forward
+(remat saved nothing) until a custom VJP forced the order; inside ``nn.scan`` the forward and
+the backward are two loops and plain ``nn.remat`` saves the memory on 0.10.2 and 0.11.2 alike
+(``test_remat_full_frees_the_activations`` passes on both without that workaround).
+"""
 
 from __future__ import annotations
 
@@ -43,9 +49,8 @@ def test_dropout_masks_are_the_same_in_the_recomputation(rng):
 def test_remat_full_frees_the_activations(rng):
     """XLA's temporaries for the gradient: remat full needs a fraction of remat none's.
 
-    Measured (6 layers, batch 4 x 256, f32): none 133.5 MB; full 27.1 MB with ``remat_layer``
-    on jax 0.10.2 (26.9 MB on 0.11.2). Plain ``nn.remat`` without the tie: 129.7 MB on
-    0.10.2 (no saving), 26.9 MB on 0.11.2.
+    Measured before the layer scan (6 unrolled layers, batch 4 x 256, f32): none 133.5 MB;
+    plain ``nn.remat`` 129.7 MB on jax 0.10.2 (no saving), 26.9 MB on 0.11.2.
     """
     lora = LoraConfig(rank=4)
     params, rest = split_trainable(_variables(rng, lora))

@@ -54,8 +54,8 @@ def test_variants_train_a_toy_regression(rng, config):
     x = jnp.asarray(rng.standard_normal((256, 64)), jnp.float32)
     w_true = jnp.asarray(rng.standard_normal((64, 128)), jnp.float32)
     y = x @ w_true
-    params = {"layers_0": {"w": jnp.zeros((64, 128), jnp.float32) + 0.01}, "layers_1": {"b": jnp.zeros((128,), jnp.float32)}}
-    loss = lambda p: jnp.mean((x @ p["layers_0"]["w"] + p["layers_1"]["b"] - y) ** 2)
+    params = {"layers": {"w": jnp.zeros((2, 64, 128), jnp.float32) + 0.01}, "head": {"b": jnp.zeros((128,), jnp.float32)}}
+    loss = lambda p: jnp.mean((x @ (p["layers"]["w"][0] + p["layers"]["w"][1]) + p["head"]["b"] - y) ** 2)
     tx = make_optimizer(dataclasses.replace(config, learning_rate=5e-2, warmup_ratio=0.0), total_steps=200)
     state = tx.init(params)
 

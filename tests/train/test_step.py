@@ -75,7 +75,7 @@ def test_accumulation_equals_one_big_batch(setup, rng):
 
 
 def test_remat_full_inside_accumulation_gives_the_same_gradient(setup, rng):
-    """``remat_layer``'s custom VJP inside the micro-batch loop: the gradient of remat none."""
+    """Remat inside the layer scan, inside the micro-batch loop: the gradient of remat none."""
     model, params, frozen = setup
     rematted = LlamaForCausalLM(CFG, model.lora, quant=QuantConfig(), dtype=jnp.float32, remat="full")
     tx = gradient_capture()
