@@ -243,9 +243,9 @@ def state_bytes(config: LlamaConfig, *, lora: LoraConfig = LoraConfig(), quant: 
         base_count += size
         m = _PROJ.match(name)
         if m and lora.rank > 0 and m.group(3) in lora.targets:
-            for factor, size in (("a", shape[1] * lora.rank), ("b", lora.rank * shape[0])):  # A (in, r), B (r, out)
+            for factor, n in (("a", shape[1] * lora.rank), ("b", lora.rank * shape[0])):  # A (in, r), B (r, out)
                 key = (m.group(2), m.group(3), factor)
-                lora_sizes[key] = lora_sizes.get(key, 0) + size
+                lora_sizes[key] = lora_sizes.get(key, 0) + n
         if m and quant is not None:
             parts = quantized_bytes(size, quant)
             codes, scales, nested = codes + parts[0], scales + parts[1], nested + parts[2]

@@ -65,9 +65,14 @@ class QuantizedArray:
         return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in leaves)
 
     @property
+    def stacked(self) -> int:
+        """How many tensors of ``shape`` the leaves hold: 1, or ``L`` for a layer-stacked array (leaves ``(L, ...)``)."""
+        return math.prod(self.codes.shape[:-1])
+
+    @property
     def bits_per_weight(self) -> float:
-        """Storage cost per weight: ``8 * nbytes / size`` (4.127 for nf4 + double quant, block 64)."""
-        return 8.0 * self.nbytes / self.size
+        """Storage cost per weight: ``8 * nbytes / (stacked * size)`` (4.127 for nf4 + double quant, block 64)."""
+        return 8.0 * self.nbytes / (self.stacked * self.size)
 
     def block_scales(self) -> jax.Array:
         """The ``(nb,)`` float32 block scales, undoing double quantization if present."""

@@ -81,7 +81,8 @@ def test_offload_gives_the_gradients_of_remat_full_and_asks_for_pinned_host(rng)
 def test_stacked_layout_and_the_old_layout_error(rng):
     v = _variables(rng)
     kernel = v["frozen"]["layers"]["mlp"]["down_proj"]["kernel"]
-    assert kernel.shape == (64, 128) and kernel.codes.shape == (3, 64 * 128 // 2)
+    assert kernel.shape == (64, 128) and kernel.codes.shape == (3, 64 * 128 // 2) and kernel.stacked == 3
+    assert kernel.bits_per_weight == layer_slice(kernel, 0).bits_per_weight
     np.testing.assert_array_equal(np.asarray(layer_slice(kernel, 2).codes), np.asarray(kernel.codes[2]))
     old = {"params": {"layers_0": {"mlp": {}}}}
     with pytest.raises(ValueError, match=r"unrolled layout \('layers_0'"):
