@@ -37,7 +37,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from qlora_jax.kernels.schedule import zeros_after
+from qlora_jax.kernels.schedule import tie_to, zeros_after
 
 # Called as ``hook("forward" | "backward")`` each time a tile is computed, not skipped, when set
 # before tracing (tests count the tiles this way; ``jax.debug.callback`` runs on the host).
@@ -249,6 +249,9 @@ def chunked_attention(q, k, v, *, q_positions, kv_positions, q_segment_ids=None,
     qb = qb.transpose(0, 1, 3, 4, 2, 5).reshape(nq, b, kvh, g * bq, d)
     kb, vb = (_blocks(_pad_to(x, nk * bk, 1), nk, bk).transpose(0, 1, 3, 2, 4) for x in (k, v))
 
+    # Positions and segment ids are often the same for every layer: inside a layer scan JAX would
+    # hoist everything that depends on them alone, each tile's mask stacked over all tiles.
+    meta = tie_to(meta, qb)
     out = _attend(st, qb, kb, vb, meta)  # (nq, B, KV, G * bq, D)
     out = out.reshape(nq, b, kvh, g, bq, d).transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, h, d)
     return out[:, :t]
