@@ -1,7 +1,7 @@
 """End-to-end QLoRA training step, ours against the PyTorch stack, plus quantization and loading speed.
 
     python scripts/bench.py [--model smollm2|random:PRESET|PATH] [--layers N] [--batch 4] [--seq-len 256]
-                            [--rank 16] [--steps 3] [--variants ours-qlora,ours-lora,torch-qlora,torch-lora,quant-ours,quant-bnb]
+                            [--rank 16] [--steps 3] [--variants ours-qlora,ours-lora,ours-qlora-offload,torch-qlora,torch-lora,quant-ours,quant-bnb]
                             [--quant-model llama-3-8b] [--quant-layers 1] [--json F] [--markdown F]
 
 Each variant runs in its own subprocess, one after another, on the same weights
@@ -23,6 +23,8 @@ measured peak device bytes over that prediction (the planner's validation).
 
 * ours-qlora: NF4 + double quant base, ``qlora_jax.train.step`` jitted, remat "full";
 * ours-lora: the same with the base unquantized (bf16 storage);
+* ours-qlora-offload: ours-qlora with remat "offload" (each layer's saved input in
+  pinned host memory until its backward; the same program as "full" on a CPU);
 * torch-qlora: transformers + peft + bitsandbytes (``BitsAndBytesConfig`` nf4, double
   quant, ``prepare_model_for_kbit_training``), when torch imports;
 * torch-lora: transformers + peft on the unquantized model, checkpointing on.
@@ -45,7 +47,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("ours-qlora", "ours-lora", "torch-qlora", "torch-lora", "quant-ours", "quant-bnb")
+VARIANTS = ("ours-qlora", "ours-lora", "ours-qlora-offload", "torch-qlora", "torch-lora", "quant-ours", "quant-bnb")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -106,7 +108,7 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_ours(folder: str, quantized: bool, args) -> dict:
+def run_ours(folder: str, quantized: bool, args, remat: str = "full") -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -123,7 +125,7 @@ def run_ours(folder: str, quantized: bool, args) -> dict:
     quant = QuantConfig() if quantized else None
     t0 = time.perf_counter()
     model, variables, _ = from_pretrained(folder, quantization=quant, lora=lora,
-                                          dtype=dtype, key=jax.random.key(0), remat="full")
+                                          dtype=dtype, key=jax.random.key(0), remat=remat)
     load_s = time.perf_counter() - t0  # from_pretrained waits for every tensor's conversion
     params, frozen = split_trainable(variables)
     tx = make_optimizer(OptimizerConfig(learning_rate=1e-4, max_grad_norm=None, warmup_ratio=0.0), 1000)
@@ -142,7 +144,7 @@ def run_ours(folder: str, quantized: bool, args) -> dict:
         times.append(time.perf_counter() - t0)
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use", _peak_rss())
-    planned = plan(model.config, batch=b, seq_len=t, lora=lora, quant=quant, remat="full",
+    planned = plan(model.config, batch=b, seq_len=t, lora=lora, quant=quant, remat=remat,
                    compute_dtype=jnp.dtype(dtype).name).device_bytes
     return dict(load_s=load_s, first_step_s=times[0], step_s=statistics.median(times[1:]), loss=loss,
                 peak_bytes=peak, peak_kind="device" if "peak_bytes_in_use" in stats else "rss", planned_bytes=planned)
@@ -269,8 +271,11 @@ def run_variant(name: str, args) -> dict:
     if name.startswith("quant-"):
         return run_quant(name == "quant-ours", args)
     folder = model_folder(args)
-    quantized = name.endswith("qlora")
-    out = run_ours(folder, quantized, args) if name.startswith("ours") else run_torch(folder, quantized, args)
+    quantized = "qlora" in name
+    if name.startswith("ours"):
+        out = run_ours(folder, quantized, args, remat="offload" if name.endswith("-offload") else "full")
+    else:
+        out = run_torch(folder, quantized, args)
     out["tokens_per_s"] = args.batch * args.seq_len / out["step_s"]
     return out
 
@@ -290,7 +295,8 @@ def table(results: dict, args) -> str:
         else:
             lines.append(f"| {name} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['peak_bytes'] / 2**30:.2f} GiB "
                          f"({r['peak_kind']}) | {r['loss']:.4f} | {r['load_s']:.1f} s | {_planned(r)} |")
-    for ours, theirs in (("ours-qlora", "torch-qlora"), ("ours-lora", "torch-lora"), ("ours-qlora", "ours-lora")):
+    for ours, theirs in (("ours-qlora", "torch-qlora"), ("ours-lora", "torch-lora"), ("ours-qlora", "ours-lora"),
+                         ("ours-qlora-offload", "ours-qlora")):
         if ok(ours) and ok(theirs):
             a, b = results[ours], results[theirs]
             lines.append(f"| {ours} / {theirs} | {a['step_s'] / b['step_s']:.2f}x time | "

@@ -30,6 +30,9 @@
 # "e2e" (scripts/bench.py: our QLoRA step against transformers + peft + bitsandbytes on a
 # random-weights Llama-3-8B, and NF4 quantization speed; carry the bitsandbytes wheel in .whl,
 # or its rows say unavailable) is meant for a second call: GPU_CHECK_STAGES=e2e bash scripts/gpu_check.sh
+# "offload" (scripts/bench.py ours-qlora against ours-qlora-offload: remat full against each layer's saved
+# input in pinned_host, 8 layers of a random-weights Llama-3-8B, batch 1 x 8192; the goal is within 1.1x
+# of remat full) fits the same second call: GPU_CHECK_STAGES="e2e offload".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repo="$(pwd)"
@@ -67,7 +70,7 @@ else
 fi
 
 stages=" ${GPU_CHECK_STAGES:-tests kernels optimizer attention} "
-tests_rc=0 bench_rc=0 opt_rc=0 e2e_rc=0 attn_rc=0
+tests_rc=0 bench_rc=0 opt_rc=0 e2e_rc=0 attn_rc=0 offload_rc=0
 [[ $stages == *" attention "* ]] && tests+=(--ignore "$repo/tests/kernels/test_flash_attention.py")
 deadline=$((SECONDS + budget))
 # left CAP: seconds for the next stage, CAP at most, or 0 when under 30 s of the deadline are left.
@@ -83,6 +86,8 @@ limit() {
 read -r -a e2e <<< "${GPU_E2E_ARGS:---model random:llama-3-8b --batch 4 --seq-len 512 --steps 5 --variants ours-qlora,torch-qlora,quant-ours,quant-bnb --quant-layers 4}"
 [[ "${1:-}" == "--dry-run" ]] && e2e=(--model "$out/tiny" --batch 2 --seq-len 32 --rank 4 --steps 1
   --variants ours-qlora,torch-qlora,quant-ours,quant-bnb --quant-model smollm2-135m)
+read -r -a offload <<< "${GPU_OFFLOAD_ARGS:---model random:llama-3-8b --layers 8 --batch 1 --seq-len 8192 --rank 32 --steps 3}"
+[[ "${1:-}" == "--dry-run" ]] && offload=(--model "$out/tiny" --batch 1 --seq-len 64 --rank 4 --steps 1)
 
 # The repository root must not be on sys.path (its kernels/ is not qlora_jax.kernels): run from /tmp.
 if [[ $stages == *" tests "* ]]; then
@@ -127,13 +132,24 @@ fi
 (cd /tmp && timeout 540 "$python" "$repo/scripts/bench.py" "${e2e[@]}" --cache /tmp/qlora_bench_cache \
   --json "$out/e2e.json" --markdown "$out/e2e.md" 2>&1) | tee -a "$log" > "$out/e2e.stdout"
 e2e_rc=${PIPESTATUS[0]}
-rm -rf "$out/tiny"
 fi
 
+if [[ $stages == *" offload "* ]]; then
+echo "[gpu_check] activation offload: remat offload against remat full" | tee -a "$log"
+if [[ "${1:-}" == "--dry-run" && ! -d "$out/tiny" ]]; then
+  "$python" -c "import sys; sys.path.insert(0, '$repo/tests'); from tinymodel import write_tiny_model; write_tiny_model('$out/tiny')"
+fi
+(cd /tmp && timeout 300 "$python" "$repo/scripts/bench.py" "${offload[@]}" --variants ours-qlora,ours-qlora-offload \
+  --cache /tmp/qlora_bench_cache --json "$out/offload.json" --markdown "$out/offload.md" 2>&1) | tee -a "$log" > "$out/offload.stdout"
+offload_rc=${PIPESTATUS[0]}
+fi
+rm -rf "$out/tiny"
+
 echo
-echo "[gpu_check] stages:$stages rc: tests=$tests_rc kernels=$bench_rc optimizer=$opt_rc attention=$attn_rc e2e=$e2e_rc (log: $log)"
+echo "[gpu_check] stages:$stages rc: tests=$tests_rc kernels=$bench_rc optimizer=$opt_rc attention=$attn_rc e2e=$e2e_rc offload=$offload_rc (log: $log)"
 if [[ -s "$out/e2e.md" ]]; then cat "$out/e2e.md"; echo; fi
+if [[ -s "$out/offload.md" ]]; then cat "$out/offload.md"; echo; fi
 if [[ -s "$out/optimizer.md" ]]; then cat "$out/optimizer.md"; echo; fi
 if [[ -s "$out/attention.md" ]]; then cat "$out/attention.md"; echo; elif [[ -f "$out/attention.stdout" ]]; then tail -n 20 "$out/attention.stdout"; echo; fi
 if [[ -s "$out/bench.md" ]]; then cat "$out/bench.md"; elif [[ -f "$out/bench.stdout" ]]; then tail -n 30 "$out/bench.stdout"; fi
-[[ $tests_rc == 0 && $bench_rc == 0 && $opt_rc == 0 && $attn_rc == 0 && $e2e_rc == 0 ]]
+[[ $tests_rc == 0 && $bench_rc == 0 && $opt_rc == 0 && $attn_rc == 0 && $e2e_rc == 0 && $offload_rc == 0 ]]

@@ -19,13 +19,16 @@ def test_tiny_bench_runs_both_stacks(tmp_path, capsys):
     spec.loader.exec_module(bench)
     folder = write_tiny_model(str(tmp_path / "model"))
     bench.main(["--model", folder, "--batch", "2", "--seq-len", "32", "--rank", "4", "--steps", "1",
-                "--variants", "ours-qlora,torch-qlora,ours-lora", "--json", str(tmp_path / "b.json")])
+                "--variants", "ours-qlora,torch-qlora,ours-lora,ours-qlora-offload", "--json", str(tmp_path / "b.json")])
     results = json.loads((tmp_path / "b.json").read_text())["results"]
     assert all("error" not in r for r in results.values()), results
     # same weights, same batch, one identical update: the two stacks' losses agree closely
     assert abs(results["ours-qlora"]["loss"] - results["torch-qlora"]["loss"]) < 1e-3
+    # remat offload is the program of remat full on a CPU: the same loss to the bit
+    assert results["ours-qlora-offload"]["loss"] == results["ours-qlora"]["loss"]
     printed = capsys.readouterr().out
     assert "| ours-qlora / torch-qlora |" in printed and "| ours-qlora / ours-lora |" in printed
+    assert "| ours-qlora-offload / ours-qlora |" in printed
 
 
 @pytest.mark.oracle
