@@ -144,6 +144,7 @@ class StepShape:
     base_dtype: str
     attention: str  # an explicit implementation, never "auto"
     loss_chunk: int
+    mlp_tile: int = 0  # tokens per MLP sequence tile (LlamaForCausalLM.mlp_tile)
 
 
 def _check_int(name: str, value, low: int = 1) -> int:
@@ -188,7 +189,7 @@ def compiled_step_temp(config: LlamaConfig, shape: StepShape) -> int:
     from qlora_jax.train.step import make_train_step
 
     model = LlamaForCausalLM(config, shape.lora, shape.quant, dtype=jnp.dtype(shape.compute_dtype), remat=shape.remat,
-                             attention=shape.attention)
+                             attention=shape.attention, mlp_tile=shape.mlp_tile)
     params, frozen = split_trainable(abstract_variables(config, shape.lora, shape.quant, shape.base_dtype))
     tx = make_optimizer(OptimizerConfig(state_bits=8 if shape.optimizer == "8bit" else 32), 10, skip_nonfinite=True)
     ints = jax.ShapeDtypeStruct((1, shape.batch, shape.seq_len), jnp.int32)
@@ -267,20 +268,21 @@ def planned_attention(attention: str, seq_len: int, head_dim: int, platform: str
 def plan(config: LlamaConfig, *, batch: int, seq_len: int, lora: LoraConfig = LoraConfig(),
          quant: QuantConfig | None = QuantConfig(), optimizer: str = "fp32", offload: bool = False,
          remat: str = "full", compute_dtype="bfloat16", base_dtype="bfloat16", attention: str = "auto",
-         loss_chunk: int = 0, platform: str = "gpu") -> MemoryPlan:
+         loss_chunk: int = 0, platform: str = "gpu", mlp_tile: int = 0) -> MemoryPlan:
     """The ``MemoryPlan`` of one training step on ``batch`` x ``seq_len`` tokens (module docstring)."""
     if not isinstance(config, LlamaConfig):
         raise ValueError(f"config must be a LlamaConfig, got {type(config).__name__}")
     _check_int("batch", batch)
     _check_int("seq_len", seq_len)
     _check_int("loss_chunk", loss_chunk, low=0)
+    _check_int("mlp_tile", mlp_tile, low=0)
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r} is not one of {REMAT_POLICIES}")
     _bytes("compute_dtype", compute_dtype)
     s = state_bytes(config, lora=lora, quant=quant, optimizer=optimizer, base_dtype=base_dtype)
     impl = planned_attention(attention, seq_len, config.head_dim, platform)
     shape = StepShape(batch, seq_len, lora, quant, optimizer, remat, jnp.dtype(compute_dtype).name,
-                      jnp.dtype(base_dtype).name, impl, loss_chunk)
+                      jnp.dtype(base_dtype).name, impl, loss_chunk, mlp_tile)
     temp, extrapolated = step_temp_bytes(config, shape)
     on_host = 0
     if remat == "offload":  # compiled as remat full on the CPU (module docstring)
@@ -430,6 +432,7 @@ def main(argv=None) -> int:
     ap.add_argument("--remat", default="full", help=f"one of {REMAT_POLICIES}")
     ap.add_argument("--attention", default="auto", help="attention implementation (qlora_jax.models.attention)")
     ap.add_argument("--loss-chunk", type=int, default=0, help="tokens per chunk of the loss (0: by vocabulary)")
+    ap.add_argument("--mlp-tile", type=int, default=0, help="tokens per MLP sequence tile (0: untiled)")
     ap.add_argument("--platform", default="gpu", help=f"what 'auto' attention resolves for, one of {PLATFORMS}")
     ap.add_argument("--compute-dtype", default="bfloat16", help="activation dtype")
     ap.add_argument("--base-dtype", default="bfloat16", help="dtype of embeddings, head and unquantized weights")
@@ -445,7 +448,8 @@ def main(argv=None) -> int:
         lora = LoraConfig(rank=args.rank, dropout=args.dropout, targets=_targets(args.targets))
         kw = dict(batch=args.batch, lora=lora, quant=quant, optimizer=args.optimizer, offload=args.offload,
                   remat=args.remat, compute_dtype=args.compute_dtype, base_dtype=args.base_dtype,
-                  attention=args.attention, loss_chunk=args.loss_chunk, platform=args.platform)
+                  attention=args.attention, loss_chunk=args.loss_chunk, platform=args.platform,
+                  mlp_tile=args.mlp_tile)
         budgets = _gib_list(args.max_context) if args.max_context else None
         if budgets is None:
             p = plan(config, seq_len=args.seq_len, **kw)
@@ -461,6 +465,7 @@ def main(argv=None) -> int:
     title = (f"{args.model}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}; "
              f"{shape}; LoRA r={args.rank} on {len(lora.targets)} projections; "
              f"{fmt}; {args.optimizer} AdamW{' (offloaded)' if args.offload else ''}; remat {args.remat}; "
+             f"{f'MLP tiles of {args.mlp_tile}; ' if args.mlp_tile else ''}"
              f"{args.compute_dtype} compute; attention {args.attention} for {args.platform}; planned by XLA on "
              f"{jax.default_backend()}")
     if budgets is None:

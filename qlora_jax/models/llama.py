@@ -128,14 +128,38 @@ def _update_cache(cache, k, v, positions):
 
 
 class MLP(_Sublayer):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU, ``down(silu(gate(x)) * up(x))``, as a scan body: ``__call__(carry, x) -> (carry, y)``."""
+
+    deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, deterministic):
-        c = self.config
-        gate = self.dense(c.intermediate_size, "gate_proj")(x, deterministic)
-        up = self.dense(c.intermediate_size, "up_proj")(x, deterministic)
-        return self.dense(c.hidden_size, "down_proj")(jax.nn.silu(gate) * up, deterministic)
+    def __call__(self, carry, x):
+        c, det = self.config, self.deterministic
+        gate = self.dense(c.intermediate_size, "gate_proj")(x, det)
+        up = self.dense(c.intermediate_size, "up_proj")(x, det)
+        return carry, self.dense(c.hidden_size, "down_proj")(jax.nn.silu(gate) * up, det)
+
+
+def tiled_mlp(layer: _Sublayer, x: jax.Array, tile: int, deterministic: bool) -> jax.Array:
+    """``MLP(x)``, ``x`` ``(B, T, hidden)``, computed over sequence tiles of ``tile`` tokens when ``T > tile``.
+
+    Each tile's ``(B, tile, intermediate)`` arrays exist one tile at a time, in the forward and,
+    through a rematerialized scan body, in the backward; only the tiles' inputs (``x`` itself) are
+    saved. The weights are the scan's broadcast variables, so the layout (``mlp/gate_proj/...``) and
+    the LoRA gradients (summed over tiles) are those of the untiled MLP. ``T`` is padded up to a
+    multiple of ``tile``; the padded rows are dropped. The cost is one more MLP forward per step.
+    """
+    args = (layer.config, layer.lora, layer.quant, layer.dtype, layer.backend, layer.attention)
+    b, t, d = x.shape
+    if not tile or t <= tile:
+        return MLP(*args, deterministic=deterministic, name="mlp")(None, x)[1]
+    n = -(-t // tile)
+    tiles = jnp.pad(x, ((0, 0), (0, n * tile - t), (0, 0))).reshape(b, n, tile, d).swapaxes(0, 1)
+    body = nn.remat(MLP, prevent_cse=False)
+    scan = nn.scan(body, variable_broadcast=["params", FROZEN], split_rngs={"params": False, "dropout": True},
+                   length=n)
+    _, y = scan(*args, deterministic=deterministic, name="mlp")(None, tiles)
+    return y.swapaxes(0, 1).reshape(b, n * tile, -1)[:, :t]
 
 
 class DecoderLayer(_Sublayer):
@@ -147,6 +171,7 @@ class DecoderLayer(_Sublayer):
     """
 
     deterministic: bool = True
+    mlp_tile: int = 0  # tokens per MLP tile (tiled_mlp); 0: the whole sequence at once
 
     @nn.compact
     def __call__(self, h, positions, segment_ids, kv, index):
@@ -158,7 +183,7 @@ class DecoderLayer(_Sublayer):
             RMSNorm(c.rms_norm_eps, name="input_layernorm")(h), positions, segment_ids, cache, self.deterministic)
         h = h + attn_out
         x = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(h)
-        h = h + MLP(c, self.lora, self.quant, self.dtype, self.backend, self.attention, name="mlp")(x, self.deterministic)
+        h = h + tiled_mlp(self, x, self.mlp_tile, self.deterministic)
         return h, None if new_cache is None else {"k": new_cache["k"], "v": new_cache["v"]}
 
 
@@ -205,6 +230,7 @@ class LlamaForCausalLM(nn.Module):
     remat: str = "none"
     backend: str = "auto"  # the 4-bit matmul's backend (qlora_jax.kernels.BACKENDS; docs/kernels.md)
     attention: str = "auto"  # the attention implementation (qlora_jax.models.attention.IMPLEMENTATIONS)
+    mlp_tile: int = 0  # tokens per MLP sequence tile (tiled_mlp: long sequences); 0: untiled
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -213,6 +239,8 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"attention={self.attention!r} is not one of {IMPLEMENTATIONS}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+        if not isinstance(self.mlp_tile, int) or isinstance(self.mlp_tile, bool) or self.mlp_tile < 0:
+            raise ValueError(f"mlp_tile={self.mlp_tile!r} must be an int >= 0 (tokens per MLP tile; 0: untiled)")
         super().__post_init__()
 
     @nn.compact
@@ -230,7 +258,7 @@ class LlamaForCausalLM(nn.Module):
         h = jnp.take(embedding, tokens, axis=0).astype(self.dtype)
         layers = scanned_layers(self.remat if cache is None else "none", c.num_hidden_layers)(
             c, self.lora, self.quant, self.dtype, self.backend, self.attention, deterministic=deterministic,
-            name="layers")
+            mlp_tile=self.mlp_tile, name="layers")
         kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
         h, new_kv = layers(h, positions, segment_ids, kv, None if cache is None else cache["index"])
         h = RMSNorm(c.rms_norm_eps, name="norm")(h)

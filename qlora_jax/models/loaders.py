@@ -8,7 +8,8 @@ A folder is read as ``config.json`` plus one or many ``*.safetensors`` (with
 tensor at a time. A folder saved by transformers with bitsandbytes 4-bit
 weights (``*.weight.quant_state.bitsandbytes__nf4`` keys) is read without
 re-quantizing. ``quantization=None`` loads a float base (parity tests, bf16 LoRA).
-``attention`` names the attention implementation (``qlora_jax.models.attention``).
+``attention`` names the attention implementation (``qlora_jax.models.attention``); ``mlp_tile``
+computes the MLP over sequence tiles of that many tokens (``qlora_jax.models.llama.tiled_mlp``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def from_pretrained(
     key: jax.Array | None = None,
     remat: str = "none",
     attention: str = "auto",
+    mlp_tile: int = 0,
 ) -> tuple[LlamaForCausalLM, dict[str, Any], TextTokenizer | None]:
     """Loads a model for QLoRA; see the module docstring. The tokenizer is ``None`` if the folder has none."""
     path = os.fspath(path)
@@ -55,7 +57,8 @@ def from_pretrained(
         has_tokenizer = os.path.exists(os.path.join(path, "tokenizer.json"))
         read_tokenizer = lambda: tokenizer_from_hf_folder(path) if has_tokenizer else None  # noqa: E731
     variables = variables_from_tensors(config, tensors, quant=quantization, lora=lora, key=key, base_dtype=base_dtype)
-    model = LlamaForCausalLM(config, lora, quant=quantization, dtype=dtype, remat=remat, attention=attention)
+    model = LlamaForCausalLM(config, lora, quant=quantization, dtype=dtype, remat=remat, attention=attention,
+                             mlp_tile=mlp_tile)
     return model, variables, read_tokenizer()
 
 

@@ -98,10 +98,14 @@ class ModelSection(_Section):
                         "backend), pallas (fused GPU kernel); auto picks by backend and length", IMPLEMENTATIONS)
     loss_chunk: int = _f(0, "tokens per chunk of the output head + cross-entropy (no full logits array); "
                          "0: auto, about 256 MiB of float32 logits per chunk")
+    mlp_tile: int = _f(0, "tokens per sequence tile of the MLP (its (T, intermediate) arrays one tile at a "
+                       "time, for very long sequences; one more MLP forward per step); 0: untiled")
 
     def _check(self):
         if self.loss_chunk < 0:
             self._fail("loss_chunk", "must be >= 0 (0: auto)")
+        if self.mlp_tile < 0:
+            self._fail("mlp_tile", "must be >= 0 (0: untiled)")
 
     def compute_dtype(self, platform: str) -> str:
         """``dtype`` with "auto" resolved for a jax platform name ("cpu", "gpu", ...)."""

@@ -27,7 +27,8 @@ from qlora_jax.train.config import (
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SPEC_DEFAULTS = {
-    "model": {"path": "", "dtype": "auto", "remat": "none", "backend": "auto", "attention": "auto", "loss_chunk": 0},
+    "model": {"path": "", "dtype": "auto", "remat": "none", "backend": "auto", "attention": "auto", "loss_chunk": 0,
+              "mlp_tile": 0},
     "quant": {"enabled": True, "quant_type": "nf4", "blocksize": 64, "double_quant": True},
     "lora": {"rank": 16, "alpha": 32.0, "dropout": 0.05, "targets": ALL, "use_rslora": False},
     "data": {"train_path": "", "eval_path": "", "eval_fraction": 0.02, "seq_len": 256, "packing": True,
