@@ -8,7 +8,7 @@ Compiles ``jax.grad`` of the masked next-token loss (``qlora_jax.train.step``) f
 the same model, batch and LoRA recipe as ``scripts/bench.py``, runs it twice under
 ``jax.profiler``, and reads the trace back (``jax.profiler.ProfileData``). Each
 executed XLA op (a fusion, a dot) is named by the JAX source op it came from (its
-HLO ``op_name`` metadata, layer numbers folded to ``layers_N``) and its output
+HLO ``op_name`` metadata; the layers are one scan, so each op sums over them) and its output
 shape; the table sums their time per step, largest first, with the kind of fusion
 (``ynn`` = a YNNPACK dot on the CPU, ``copy``/``transpose`` = a layout change).
 
@@ -47,14 +47,14 @@ _INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+) ")
 
 
 def op_sources(hlo_text: str) -> dict[str, tuple[str, str]]:
-    """HLO instruction name -> (source op_name with layers folded, output shape)."""
+    """HLO instruction name -> (source op_name, output shape)."""
     out = {}
     for line in hlo_text.splitlines():
         m = _INSTR.match(line)
         if not m:
             continue
         src = re.search(r'op_name="([^"]+)"', line)
-        name = re.sub(r"layers_\d+", "layers_N", src.group(1)) if src else "?"
+        name = src.group(1) if src else "?"
         out[m.group(1)] = (re.sub(r"^jit\([^)]*\)/", "", name), m.group(2).split("{")[0])
     return out
 

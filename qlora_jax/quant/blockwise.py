@@ -112,5 +112,5 @@ def dequantize_4bit(
     packed: jnp.ndarray, absmax: jnp.ndarray, quant_type: str, blocksize: int, n: int
 ) -> jnp.ndarray:
     """Inverse of ``quantize_4bit``: float32 ``(n,)`` values ``code[q] * absmax``."""
-    values = select_lookup(unpack_nibbles(packed), quant_type)
+    values = select_lookup(unpack_nibbles(packed), quant_type, anchor=absmax)
     return scale_blocks(values, absmax, blocksize, n)

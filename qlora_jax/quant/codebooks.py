@@ -90,14 +90,23 @@ def dynamic_map(signed: bool = True) -> np.ndarray:
     return table
 
 
-def select_lookup(nibbles, quant_type: str):
+def select_lookup(nibbles, quant_type: str, anchor=None):
     """``code_table(quant_type)[nibbles]`` in float32 as a 4-level tree of 15 selects over constants.
 
     No table read: inside a Pallas kernel a gather from a loaded vector does not
     lower at all, and on the CPU it is as fast as XLA's gather or slightly faster
     (``scripts/bench_cpu_parts.py``), so the reference and the kernels share it.
+
+    ``anchor`` (a float array, outside kernels): the 16 code values are made scalars that
+    depend on it. Constant operands of the first selects are broadcasts of constants, which
+    inside the layer scan are hoisted out of the loop as 16 weight-sized float32 buffers
+    (4.3 GiB for Llama-3-8B's MLP); scalars computed from the data are not.
     """
     level = [np.float32(v) for v in code_table(quant_type)]
+    if anchor is not None:
+        a = jnp.ravel(anchor)[0]
+        keep = (a == a) | (a != a)  # always true; XLA cannot fold it for a float (NaN)
+        level = [jnp.where(keep, v, np.float32(0)) for v in level]
     for bit in range(4):
         odd = ((nibbles >> bit) & 1) == 1
         level = [jnp.where(odd, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
