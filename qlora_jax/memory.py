@@ -33,7 +33,8 @@ allocated) and compiled, and ``compiled.memory_analysis().temp_size_in_bytes`` i
   Pallas kernel, which cannot be lowered on a CPU; it is planned as ``"chunked"``, which keeps the same
   residuals (q, k, v, the output and the row log-sum-exp, O(T)). The CPU compiler also upcasts bf16
   matmuls to float32 around the dots, so bf16 plans run high against a GPU's; a GPU measurement
-  (``scripts/gpu_check.sh``) is the final word.
+  (``scripts/gpu_check.sh``) is the final word. One CPU-only buffer is left out: the float32 copy
+  the CPU keeps of the layer scan's bf16 stack of saved inputs (``cpu_stack_upcast_bytes``).
 
 ``remat="offload"`` (each layer's saved input on the host): XLA's CPU compiler drops the offload
 (host and device are one RAM there), so the step compiles to remat full's; the plan then moves the
@@ -197,7 +198,25 @@ def compiled_step_temp(config: LlamaConfig, shape: StepShape) -> int:
              "loss_mask": jax.ShapeDtypeStruct(ints.shape, jnp.float32)}
     step = jax.jit(make_train_step(model, tx, shape.loss_chunk), donate_argnums=(0, 1))
     lowered = step.lower(params, jax.eval_shape(tx.init, params), frozen, batch, jax.random.key(0))
-    return int(lowered.compile().memory_analysis().temp_size_in_bytes)
+    compiled = lowered.compile()
+    return int(compiled.memory_analysis().temp_size_in_bytes) - cpu_stack_upcast_bytes(config, shape, compiled)
+
+
+def cpu_stack_upcast_bytes(config: LlamaConfig, shape: StepShape, compiled) -> int:
+    """What XLA's CPU backend adds to a bf16 (or f16) step by keeping the layer scan's saved inputs in float32.
+
+    The CPU has no bf16 dynamic-update-slice: its float normalization rewrites the scan's write of
+    each layer's bf16 input into the ``(L, B, T, hidden)`` stack as a float32 one, so the compiled
+    step holds an ``f32[L, B, T, hidden]`` stack where a GPU holds the bf16 one. When that buffer
+    is in the compiled HLO, the difference, ``L * B * T * hidden * (4 - itemsize)``, is returned.
+    """
+    itemsize = jnp.dtype(shape.compute_dtype).itemsize
+    if itemsize >= 4 or jax.default_backend() != "cpu":
+        return 0
+    dims = (config.num_hidden_layers, shape.batch, shape.seq_len, config.hidden_size)
+    if f"f32[{','.join(map(str, dims))}]" not in compiled.as_text():
+        return 0
+    return math.prod(dims) * (4 - itemsize)
 
 
 def step_temp_bytes(config: LlamaConfig, shape: StepShape) -> tuple[int, bool]:

@@ -150,6 +150,19 @@ def test_depth_extrapolation_matches_a_direct_compile():
     assert used and abs(extrapolated / direct - 1) <= TOL["depth_rel"], (extrapolated, direct)
 
 
+def test_cpu_float32_copy_of_the_bf16_layer_stack_is_left_out():
+    """On the CPU a bf16 step keeps the scan's stack of layer inputs as float32 (no bf16 dynamic-update-slice).
+    The plan leaves that out: each layer then adds its bf16 input (``B * T * hidden * 2``) and bookkeeping,
+    at most a quarter more, as in float32 it adds its float32 input and bookkeeping."""
+    t = 2048
+    stack = lambda layers: layers * t * TINY.hidden_size  # noqa: E731  (elements of the stacked inputs)
+    for dtype, itemsize in (("bfloat16", 2), ("float32", 4)):
+        temps = [memory.compiled_step_temp(dataclasses.replace(TINY, num_hidden_layers=n),
+                                           _shape(seq_len=t, compute_dtype=dtype)) for n in (2, 3)]
+        per_layer = temps[1] - temps[0]
+        assert stack(1) * itemsize <= per_layer <= 1.25 * stack(1) * itemsize, (dtype, per_layer, stack(1))
+
+
 def test_plan_compiles_the_trainers_step():
     """remat, attention and the loss chunk reach the compiled step: each changes XLA's temporaries."""
     kw = {**PLAN_KW, "seq_len": 1024, "platform": "cpu"}
