@@ -209,9 +209,11 @@ def cpu_stack_upcast_bytes(config: LlamaConfig, shape: StepShape, compiled) -> i
     each layer's bf16 input into the ``(L, B, T, hidden)`` stack as a float32 one, so the compiled
     step holds an ``f32[L, B, T, hidden]`` stack where a GPU holds the bf16 one. When that buffer
     is in the compiled HLO, the difference, ``L * B * T * hidden * (4 - itemsize)``, is returned.
+    Only at remat full and offload, where that input is the one stacked residual (other policies
+    stack float32 intermediates of the same shape that a GPU keeps too).
     """
     itemsize = jnp.dtype(shape.compute_dtype).itemsize
-    if itemsize >= 4 or jax.default_backend() != "cpu":
+    if itemsize >= 4 or jax.default_backend() != "cpu" or shape.remat not in ("full", "offload"):
         return 0
     dims = (config.num_hidden_layers, shape.batch, shape.seq_len, config.hidden_size)
     if f"f32[{','.join(map(str, dims))}]" not in compiled.as_text():
