@@ -355,7 +355,9 @@ def max_context(config: LlamaConfig, device_bytes: list[int] | tuple[int, ...], 
         points = {t: p.device_bytes for t, p in plans.items()}
         for _ in range(tries):
             estimate, slope = _interpolate(points, budget)
-            t = max(multiple, int(min(estimate, 2**40)) // multiple * multiple)
+            # at most 4x the longest length compiled: a nearly flat stretch of the curve (MLP tiles)
+            # would otherwise extrapolate past what the int32 indices of a step can address
+            t = max(multiple, int(min(estimate, 4 * max(plans))) // multiple * multiple)
             if t in plans:
                 break
             plans[t] = plan(config, seq_len=t, **plan_kw)
