@@ -82,6 +82,20 @@ def random_llama_tensors(rng: np.random.Generator, config) -> dict[str, np.ndarr
             for n, s in expected_shapes(config).items()}
 
 
+
+def random_llama_variables(rng: np.random.Generator, config, lora):
+    """NF4 variables of ``random_llama_tensors`` (float32 base), LoRA ``A`` and ``B`` made non-zero (N(0, 0.05^2) added)."""
+    import jax
+    import jax.numpy as jnp
+
+    from qlora_jax.layers import QuantConfig
+    from qlora_jax.models import variables_from_tensors
+
+    v = variables_from_tensors(config, random_llama_tensors(rng, config).items(), quant=QuantConfig(), lora=lora,
+                               base_dtype=jnp.float32)
+    v["params"] = jax.tree.map(lambda p: p + jnp.asarray(rng.standard_normal(p.shape) * 0.05, p.dtype), v["params"])
+    return v
+
 def rel_err(a, b) -> float:
     """``||a - b|| / ||b||`` in float64."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

@@ -11,7 +11,7 @@ from qlora_jax.layers import QuantConfig, split_trainable
 from qlora_jax.models import LlamaConfig, LlamaForCausalLM, LoraConfig, variables_from_tensors
 from qlora_jax.models.llama import DecoderLayer, RMSNorm, head_table
 from qlora_jax.models.stacking import check_stacked, layer_slice
-from testlib import assert_trees_close, random_llama_tensors, reorder_rtol
+from testlib import assert_trees_close, random_llama_tensors, random_llama_variables, reorder_rtol
 
 CFG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -19,10 +19,7 @@ LORA = LoraConfig(rank=4)
 
 
 def _variables(rng):
-    v = variables_from_tensors(CFG, random_llama_tensors(rng, CFG).items(), quant=QuantConfig(), lora=LORA,
-                               base_dtype=jnp.float32)
-    v["params"] = jax.tree.map(lambda p: p + jnp.asarray(rng.standard_normal(p.shape) * 0.05, p.dtype), v["params"])
-    return v
+    return random_llama_variables(rng, CFG, LORA)
 
 
 def _unrolled_logits(variables, tokens):

@@ -9,8 +9,8 @@ import pytest
 
 from qlora_jax.layers import QuantConfig, split_trainable
 from qlora_jax.memory import abstract_variables
-from qlora_jax.models import LlamaConfig, LlamaForCausalLM, LoraConfig, variables_from_tensors
-from testlib import assert_trees_close, random_llama_tensors, reorder_rtol
+from qlora_jax.models import LlamaConfig, LlamaForCausalLM, LoraConfig
+from testlib import assert_trees_close, random_llama_variables, reorder_rtol
 
 CFG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -18,10 +18,7 @@ LORA = LoraConfig(rank=4)
 
 
 def _variables(rng):
-    v = variables_from_tensors(CFG, random_llama_tensors(rng, CFG).items(), quant=QuantConfig(), lora=LORA,
-                               base_dtype=jnp.float32)
-    v["params"] = jax.tree.map(lambda p: p + jnp.asarray(rng.standard_normal(p.shape) * 0.05, p.dtype), v["params"])
-    return v
+    return random_llama_variables(rng, CFG, LORA)
 
 
 @pytest.mark.parametrize("remat", ["none", "full"])
@@ -45,8 +42,7 @@ def test_tiled_mlp_keeps_the_variable_layout_and_runs_with_dropout(rng):
     lora = LoraConfig(rank=4, dropout=0.1)
     model = LlamaForCausalLM(CFG, lora, dtype=jnp.float32, remat="full", mlp_tile=4)
     tokens = jnp.asarray(rng.integers(0, 128, (1, 9)))
-    v = variables_from_tensors(CFG, random_llama_tensors(rng, CFG).items(), quant=QuantConfig(), lora=lora,
-                               base_dtype=jnp.float32)
+    v = random_llama_variables(rng, CFG, lora)
     shapes = lambda m: jax.tree.map(jnp.shape, jax.eval_shape(m.init, jax.random.key(0), tokens))  # noqa: E731
     assert shapes(model) == shapes(model.clone(mlp_tile=0))
     out = model.apply(v, tokens, deterministic=False, rngs={"dropout": jax.random.key(2)})
