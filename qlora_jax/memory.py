@@ -55,16 +55,16 @@ import dataclasses
 import functools
 import math
 import os
-import re
 
 import jax
 import jax.numpy as jnp
 
 from qlora_jax.layers import QuantConfig, split_trainable
 from qlora_jax.models.attention import resolve_implementation
+from qlora_jax.models.blocks import LLAMA_TARGETS, LoraConfig, lora_targets
 from qlora_jax.models.config import LlamaConfig, config_from_gguf, from_hf_config
-from qlora_jax.models.llama import ALL_TARGETS, REMAT_POLICIES, LlamaForCausalLM, LoraConfig
-from qlora_jax.models.weights import expected_shapes, variables_from_tensors
+from qlora_jax.models.decoder import REMAT_POLICIES, CausalLM
+from qlora_jax.models.weights import expected_shapes, expected_tensors, tree_path, variables_from_tensors
 
 OPTIMIZERS = ("fp32", "8bit")
 ADAM8_BLOCK, ADAM8_MIN_SIZE, NESTED_BLOCK = 256, 4096, 256
@@ -76,7 +76,6 @@ BATCH_BYTES_PER_TOKEN = 20
 EXTRAPOLATION_DEPTHS = (2, 3)
 PLATFORMS = ("gpu", "cpu")
 GIB, MIB = 2**30, 2**20
-_PROJ = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.weight$")
 
 PRESETS = {
     "llama-3-8b": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -189,7 +188,7 @@ def compiled_step_temp(config: LlamaConfig, shape: StepShape) -> int:
     from qlora_jax.optim import OptimizerConfig, make_optimizer
     from qlora_jax.train.step import make_train_step
 
-    model = LlamaForCausalLM(config, shape.lora, shape.quant, dtype=jnp.dtype(shape.compute_dtype), remat=shape.remat,
+    model = CausalLM(config, shape.lora, shape.quant, dtype=jnp.dtype(shape.compute_dtype), remat=shape.remat,
                              attention=shape.attention, mlp_tile=shape.mlp_tile)
     params, frozen = split_trainable(abstract_variables(config, shape.lora, shape.quant, shape.base_dtype))
     tx = make_optimizer(OptimizerConfig(state_bits=8 if shape.optimizer == "8bit" else 32), 10, skip_nonfinite=True)
@@ -260,19 +259,22 @@ def state_bytes(config: LlamaConfig, *, lora: LoraConfig = LoraConfig(), quant: 
     base = _bytes("base_dtype", base_dtype)
     codes = scales = nested = unquantized = base_count = 0
     lora_sizes: dict[tuple[str, str, str], int] = {}  # one stacked (L, ...) leaf per projection and factor
-    for name, shape in expected_shapes(config).items():
+    targets = lora_targets(config, lora)
+    for name, tensor in expected_tensors(config).items():
+        shape = tensor.shape
         size = math.prod(shape)
         base_count += size
-        m = _PROJ.match(name)
-        if m and lora.rank > 0 and m.group(3) in lora.targets:
+        proj = tensor.kind == "proj"
+        path = tree_path(name, tensor.kind)[0]
+        if proj and path[-2] in targets:
             for factor, n in (("a", shape[1] * lora.rank), ("b", lora.rank * shape[0])):  # A (in, r), B (r, out)
-                key = (m.group(2), m.group(3), factor)
+                key = (*path[:-1], factor)
                 lora_sizes[key] = lora_sizes.get(key, 0) + n
-        if m and quant is not None:
+        if proj and quant is not None:
             parts = quantized_bytes(size, quant)
             codes, scales, nested = codes + parts[0], scales + parts[1], nested + parts[2]
         else:
-            unquantized += size * (4 if name.endswith("norm.weight") else base)
+            unquantized += size * (4 if tensor.kind == "norm" else base)
     count = sum(lora_sizes.values())
     state = sum(adam_state_bytes(s, optimizer) for s in lora_sizes.values()) + STEP_COUNTER_BYTES
     return StateBytes(codes, scales, nested, unquantized, 4 * count, state, count, base_count)
@@ -424,7 +426,7 @@ def context_table(fits: list[ContextFit]) -> str:
 
 def _targets(text: str) -> tuple[str, ...]:
     if text == "all":
-        return ALL_TARGETS
+        return LLAMA_TARGETS
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
@@ -486,7 +488,7 @@ def main(argv=None) -> int:
     fmt = "float base" if quant is None else quant.quant_type + (" + double quant" if quant.double_quant else "")
     shape = f"batch {args.batch}" if budgets else f"batch {args.batch} x {args.seq_len} tokens"
     title = (f"{args.model}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}; "
-             f"{shape}; LoRA r={args.rank} on {len(lora.targets)} projections; "
+             f"{shape}; LoRA r={args.rank} on {len(lora_targets(c, lora))} projections; "
              f"{fmt}; {args.optimizer} AdamW{' (offloaded)' if args.offload else ''}; remat {args.remat}; "
              f"{f'MLP tiles of {args.mlp_tile}; ' if args.mlp_tile else ''}"
              f"{args.compute_dtype} compute; attention {args.attention} for {args.platform}; planned by XLA on "

@@ -1,7 +1,8 @@
 """PEFT adapter export / import and merged-model export, in Hugging Face's formats.
 
 PEFT (``adapter_config.json`` + ``adapter_model.safetensors``): for each
-targeted projection, ``base_model.model.model.layers.{i}.{group}.{proj}.lora_A.weight``
+targeted projection, ``base_model.model.model.layers.{i}.{module}.lora_A.weight``
+(``{module}`` is its path in the layer, ``self_attn.q_proj`` or ``mlp.gate_up_proj``)
 is our ``A.T`` ``(r, in)`` and ``...lora_B.weight`` is ``B.T`` ``(out, r)``; the
 scale ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``) is PEFT's.
 
@@ -19,24 +20,42 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from qlora_jax.models.config import LlamaConfig
-from qlora_jax.models.llama import ALL_TARGETS, LoraConfig
+from qlora_jax.models.blocks import LoraConfig
+from qlora_jax.models.config import ModelConfig
+from qlora_jax.models.family import family_of, known_targets
 from qlora_jax.models.stacking import LAYERS, check_stacked, layer_slice, num_stacked
 from qlora_jax.quant import QuantizedArray, dequantize, quantize
 
-_PEFT_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
+_PEFT_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.([\w.]+)\.lora_([AB])\.weight$")
+
+
+def _lora_paths(tree: dict[str, Any], prefix: tuple[str, ...] = ()):
+    """The paths (below ``layers``) of every module holding ``lora_a`` and ``lora_b``, in tree order."""
+    if "lora_a" in tree or "lora_b" in tree:
+        yield prefix
+        return
+    for key, sub in tree.items():
+        if isinstance(sub, dict):
+            yield from _lora_paths(sub, prefix + (key,))
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for part in path:
+        tree = tree[part]
+    return tree
 
 
 def _lora_modules(params: dict[str, Any]):
-    """Yields ``(layer_index, group, projection, A (in, r), B (r, out))`` in layer order, from the stacked tree."""
+    """Yields ``(layer_index, module path, A (in, r), B (r, out))`` in layer order, from the stacked tree."""
     check_stacked(params, "the LoRA params")
     layers = params.get(LAYERS, {})
     if not layers:
         return
+    paths = list(_lora_paths(layers))
     for i in range(num_stacked(layers)):
-        for group, projs in layers.items():
-            for proj, ab in projs.items():
-                yield i, group, proj, ab["lora_a"][i], ab["lora_b"][i]
+        for path in paths:
+            ab = _get(layers, path)
+            yield i, path, ab["lora_a"][i], ab["lora_b"][i]
 
 
 def save_peft_adapter(folder: str | os.PathLike, params: dict[str, Any], lora: LoraConfig,
@@ -48,11 +67,11 @@ def save_peft_adapter(folder: str | os.PathLike, params: dict[str, Any], lora: L
     os.makedirs(folder, exist_ok=True)
     tensors = {}
     targets = set()
-    for i, group, proj, a, b in _lora_modules(params):
-        base = f"base_model.model.model.layers.{i}.{group}.{proj}"
+    for i, path, a, b in _lora_modules(params):
+        base = f"base_model.model.model.layers.{i}.{'.'.join(path)}"
         tensors[f"{base}.lora_A.weight"] = np.ascontiguousarray(np.asarray(a, np.float32).T)
         tensors[f"{base}.lora_B.weight"] = np.ascontiguousarray(np.asarray(b, np.float32).T)
-        targets.add(proj)
+        targets.add(path[-1])
     if not tensors:
         raise ValueError("no LoRA parameters to export (rank 0 or no targets)")
     config = {
@@ -85,21 +104,24 @@ def load_peft_adapter(folder: str | os.PathLike, param_dtype=jnp.float32,
         raise ValueError(f"{cfg_path}: peft_type={cfg.get('peft_type')!r}, only 'LORA' is supported")
     targets = cfg.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else list(targets)
-    unknown = sorted(set(targets) - set(ALL_TARGETS))
+    unknown = sorted(set(targets) - set(known_targets()))
     if unknown:
-        raise ValueError(f"{cfg_path}: target_modules {unknown} are not Llama projections {ALL_TARGETS}")
+        raise ValueError(f"{cfg_path}: target_modules {unknown} are not projections of a supported family "
+                         f"{known_targets()}")
     lora = LoraConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)),
-                      use_rslora=bool(cfg.get("use_rslora", False)), targets=tuple(t for t in ALL_TARGETS if t in targets))
-    per_layer: dict[tuple[str, str, str], dict[int, Any]] = {}
+                      use_rslora=bool(cfg.get("use_rslora", False)),
+                      targets=tuple(t for t in known_targets() if t in targets))
+    per_layer: dict[tuple[str, ...], dict[int, Any]] = {}
     weights = os.path.join(folder, "adapter_model.safetensors")
     for key, value in load_file(weights).items():
         m = _PEFT_KEY.match(key.replace(".default.", "."))
-        if not m:
-            raise ValueError(f"adapter tensor {key!r} is not a Llama projection's LoRA weight")
-        i, group, proj, ab = m.groups()
+        if not m or m.group(2).split(".")[-1] not in targets:
+            raise ValueError(f"{weights}: adapter tensor {key!r} is not the LoRA weight of a decoder-layer "
+                             f"projection among target_modules {targets}")
+        i, module, ab = m.groups()
         if value.shape[0 if ab == "A" else 1] != lora.rank:
             raise ValueError(f"{key} has shape {value.shape}, inconsistent with r={lora.rank}")
-        per_layer.setdefault((group, proj, "lora_a" if ab == "A" else "lora_b"), {})[int(i)] = value.T
+        per_layer.setdefault((*module.split("."), "lora_a" if ab == "A" else "lora_b"), {})[int(i)] = value.T
     if not per_layer:
         raise ValueError(f"{weights} holds no LoRA weights")
     deepest = max(i for layers in per_layer.values() for i in layers) + 1
@@ -107,45 +129,60 @@ def load_peft_adapter(folder: str | os.PathLike, param_dtype=jnp.float32,
     if deepest > depth:
         raise ValueError(f"{weights} has an adapter for layer {deepest - 1}, the model has {depth} layers")
     params: dict[str, Any] = {}
-    for (group, proj, leaf), layers in per_layer.items():
+    for (*module, leaf), layers in per_layer.items():
         shape = next(iter(layers.values())).shape
         odd = [i for i, v in layers.items() if v.shape != shape]
         if odd:
-            raise ValueError(f"{weights}: {proj}.{leaf} of layer {odd[0]} has shape {layers[odd[0]].shape[::-1]}, "
-                             f"other layers {shape[::-1]}")
+            raise ValueError(f"{weights}: {module[-1]}.{leaf} of layer {odd[0]} has shape "
+                             f"{layers[odd[0]].shape[::-1]}, other layers {shape[::-1]}")
         stack = np.zeros((depth, *shape), np.float32)
         for i, v in layers.items():
             stack[i] = v
-        params.setdefault(LAYERS, {}).setdefault(group, {}).setdefault(proj, {})[leaf] = jnp.asarray(stack, param_dtype)
-    for (group, proj, leaf) in per_layer:
+        node = params.setdefault(LAYERS, {})
+        for part in module:
+            node = node.setdefault(part, {})
+        node[leaf] = jnp.asarray(stack, param_dtype)
+    for (*module, leaf) in per_layer:
         other = "lora_b" if leaf == "lora_a" else "lora_a"
-        if other not in params[LAYERS][group][proj]:
-            raise ValueError(f"{weights}: {group}.{proj} has {leaf} weights but no {other}")
+        if other not in _get(params[LAYERS], tuple(module)):
+            raise ValueError(f"{weights}: {'.'.join(module)} has {leaf} weights but no {other}")
     return params, lora
 
 
-def to_hf_config(config: LlamaConfig, torch_dtype: str = "bfloat16") -> dict[str, Any]:
-    """A transformers ``config.json`` dict for ``config``."""
-    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[config.model_type]
+def to_hf_config(config: ModelConfig, torch_dtype: str = "bfloat16") -> dict[str, Any]:
+    """A transformers ``config.json`` dict for ``config`` (the common fields, then the family's)."""
+    family = family_of(config)
     out = {
-        "architectures": [arch], "model_type": config.model_type, "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_hidden_layers, "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads, "head_dim": config.head_dim,
-        "max_position_embeddings": config.max_position_embeddings, "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": config.rope_theta, "tie_word_embeddings": config.tie_word_embeddings,
-        "hidden_act": "silu", "torch_dtype": torch_dtype,
+        "architectures": [family.architectures[config.model_type]], "model_type": config.model_type,
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim, "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta,
+        "tie_word_embeddings": config.tie_word_embeddings, "torch_dtype": torch_dtype,
     }
-    if config.model_type == "llama":
-        out["attention_bias"] = config.attention_bias
-    if config.rope_scaling is not None:
-        rs = config.rope_scaling
+    rs = config.rope_scaling
+    if rs is not None and rs.rope_type == "longrope":
+        out["rope_scaling"] = {"rope_type": "longrope", "short_factor": list(rs.short_factor),
+                               "long_factor": list(rs.long_factor), "attention_factor": rs.attention_factor,
+                               "original_max_position_embeddings": rs.original_max_position_embeddings}
+        out["original_max_position_embeddings"] = rs.original_max_position_embeddings
+    elif rs is not None:
         out["rope_scaling"] = {"rope_type": rs.rope_type, "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
                                "high_freq_factor": rs.high_freq_factor,
                                "original_max_position_embeddings": rs.original_max_position_embeddings}
-    if config.sliding_window is not None:
-        out["sliding_window"] = config.sliding_window
+    out.update(family.hf_config(config))
     return out
+
+
+def _layer_leaves(tree: dict[str, Any], prefix: tuple[str, ...] = ()):
+    """``(module path, leaves)`` of every module below ``layers`` holding a ``kernel`` or a ``weight``."""
+    if "kernel" in tree or "weight" in tree:
+        yield prefix, tree
+        return
+    for key, sub in tree.items():
+        if isinstance(sub, dict):
+            yield from _layer_leaves(sub, prefix + (key,))
 
 
 def merged_tensors(variables: dict[str, Any], lora: LoraConfig) -> dict[str, np.ndarray]:
@@ -160,25 +197,34 @@ def merged_tensors(variables: dict[str, Any], lora: LoraConfig) -> dict[str, np.
     stacked, lora_stacked = frozen[LAYERS], params.get(LAYERS, {})
     for i in range(num_stacked(stacked)):
         layer, lora_layer = layer_slice(stacked, i), layer_slice(lora_stacked, i)
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            out[f"model.layers.{i}.{norm}.weight"] = _f32(layer[norm]["weight"])
-        for group in ("self_attn", "mlp"):
-            for proj, leaves in layer[group].items():
-                if not proj.endswith("_proj"):
-                    continue
-                w = _f32(leaves["kernel"])
-                ab = lora_layer.get(group, {}).get(proj)
-                if ab is not None:
-                    w = w + scale * (np.asarray(ab["lora_a"], np.float32) @ np.asarray(ab["lora_b"], np.float32)).T
-                out[f"model.layers.{i}.{group}.{proj}.weight"] = w
-                if "bias" in leaves:
-                    out[f"model.layers.{i}.{group}.{proj}.bias"] = _f32(leaves["bias"])
+        for path, leaves in _layer_leaves(layer):
+            name = f"model.layers.{i}.{'.'.join(path)}"
+            if "kernel" not in leaves:  # a norm
+                out[f"{name}.weight"] = _f32(leaves["weight"])
+                continue
+            w = _f32(leaves["kernel"])
+            try:
+                ab = _get(lora_layer, path)
+            except KeyError:
+                ab = None
+            if ab is not None:
+                w = w + scale * (np.asarray(ab["lora_a"], np.float32) @ np.asarray(ab["lora_b"], np.float32)).T
+            out[f"{name}.weight"] = w
+            if "bias" in leaves:
+                out[f"{name}.bias"] = _f32(leaves["bias"])
     return out
 
 
-def save_merged(folder: str | os.PathLike, config: LlamaConfig, variables: dict[str, Any], lora: LoraConfig,
-                dtype: str = "bfloat16") -> dict[str, np.ndarray]:
-    """Writes a transformers-loadable folder with the adapter merged; returns the float32 tensors."""
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def save_merged(folder: str | os.PathLike, config: ModelConfig, variables: dict[str, Any], lora: LoraConfig,
+                dtype: str = "bfloat16", base_config: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """Writes a transformers-loadable folder with the adapter merged; returns the float32 tensors.
+
+    ``base_config``: the base model's ``config.json`` dict, whose special token ids
+    (``TOKEN_ID_KEYS``) the merged config keeps.
+    """
     import ml_dtypes
     from safetensors.numpy import save_file
 
@@ -191,7 +237,9 @@ def save_merged(folder: str | os.PathLike, config: LlamaConfig, variables: dict[
     save_file({k: np.ascontiguousarray(v.astype(np_dtype)) for k, v in tensors.items()},
               os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(to_hf_config(config, dtype), f, indent=2)
+        hf = to_hf_config(config, dtype)
+        hf.update({k: base_config[k] for k in TOKEN_ID_KEYS if base_config and k in base_config})
+        json.dump(hf, f, indent=2)
     return tensors
 
 
@@ -199,7 +247,7 @@ def requantization_error(tensors: dict[str, np.ndarray], quant_type: str = "nf4"
     """Relative Frobenius error of re-quantizing the merged projections: ``||W - Q(W)|| / ||W||``."""
     err = norm = 0.0
     for name, w in tensors.items():
-        if name.endswith("_proj.weight"):
+        if name.startswith("model.layers.") and w.ndim == 2:
             back = np.asarray(dequantize(quantize(jnp.asarray(w), quant_type, blocksize), jnp.float32))
             err += float(np.sum((back - w) ** 2))
             norm += float(np.sum(w.astype(np.float64) ** 2))

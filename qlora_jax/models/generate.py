@@ -14,17 +14,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qlora_jax.models.llama import LlamaForCausalLM, init_cache
+from qlora_jax.models.decoder import CausalLM, init_cache
 
 
 @functools.partial(jax.jit, static_argnums=0)  # compiles twice: the prompt's length, then one token
-def _step(model: LlamaForCausalLM, variables, tokens, cache):
+def _step(model: CausalLM, variables, tokens, cache):
     logits, cache = model.apply(variables, tokens, cache=cache)
     return logits[:, -1], cache
 
 
 def generate(
-    model: LlamaForCausalLM,
+    model: CausalLM,
     variables: dict[str, Any],
     prompt: Sequence[int],
     max_new_tokens: int,
@@ -57,7 +57,7 @@ def generate(
     return out
 
 
-def greedy_reference(model: LlamaForCausalLM, variables, prompt: Sequence[int], steps: int) -> list[int]:
+def greedy_reference(model: CausalLM, variables, prompt: Sequence[int], steps: int) -> list[int]:
     """Greedy tokens by re-running the whole sequence each step (no cache); for tests."""
     seq = list(prompt)
     for _ in range(steps):

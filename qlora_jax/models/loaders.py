@@ -9,7 +9,10 @@ tensor at a time. A folder saved by transformers with bitsandbytes 4-bit
 weights (``*.weight.quant_state.bitsandbytes__nf4`` keys) is read without
 re-quantizing. ``quantization=None`` loads a float base (parity tests, bf16 LoRA).
 ``attention`` names the attention implementation (``qlora_jax.models.attention``); ``mlp_tile``
-computes the MLP over sequence tiles of that many tokens (``qlora_jax.models.llama.tiled_mlp``).
+computes the MLP over sequence tiles of that many tokens (``qlora_jax.models.blocks.tiled_mlp``).
+The family (``qlora_jax.models.family``) comes from ``config.json``'s ``model_type`` or the
+GGUF's ``general.architecture``. An error about a file's content names the file, and the
+tensor where there is one.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax.layers import QuantConfig
+from qlora_jax.models.blocks import LoraConfig
 from qlora_jax.models.config import from_hf_config
+from qlora_jax.models.decoder import CausalLM
 from qlora_jax.models.gguf_loader import GGUFModel
-from qlora_jax.models.llama import LlamaForCausalLM, LoraConfig
 from qlora_jax.models.tokenizer import TextTokenizer, tokenizer_from_hf_folder
 from qlora_jax.models.weights import variables_from_tensors
 from qlora_jax.quant.bnb import find_bnb_prefixes, from_bnb_state_dict
@@ -42,7 +46,7 @@ def from_pretrained(
     remat: str = "none",
     attention: str = "auto",
     mlp_tile: int = 0,
-) -> tuple[LlamaForCausalLM, dict[str, Any], TextTokenizer | None]:
+) -> tuple[CausalLM, dict[str, Any], TextTokenizer | None]:
     """Loads a model for QLoRA; see the module docstring. The tokenizer is ``None`` if the folder has none."""
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -52,13 +56,24 @@ def from_pretrained(
             raise ValueError(f"{path} is a file but not a .gguf; pass a GGUF file or a Hugging Face folder")
         gguf = GGUFModel(path)
         config, tensors, read_tokenizer = gguf.config, gguf.tensors(), lambda: gguf.tokenizer
+        where = lambda: path  # noqa: E731
     else:
-        config, tensors = from_hf_config(path), _folder_tensors(path)
+        try:
+            config = from_hf_config(path)
+        except ValueError as e:
+            raise ValueError(f"{os.path.join(path, 'config.json')}: {e}") from None
+        tensors = FolderTensors(path)
         has_tokenizer = os.path.exists(os.path.join(path, "tokenizer.json"))
         read_tokenizer = lambda: tokenizer_from_hf_folder(path) if has_tokenizer else None  # noqa: E731
-    variables = variables_from_tensors(config, tensors, quant=quantization, lora=lora, key=key, base_dtype=base_dtype)
-    model = LlamaForCausalLM(config, lora, quant=quantization, dtype=dtype, remat=remat, attention=attention,
-                             mlp_tile=mlp_tile)
+        where = lambda: tensors.current or path  # noqa: E731
+    try:
+        variables = variables_from_tensors(config, tensors, quant=quantization, lora=lora, key=key,
+                                           base_dtype=base_dtype)
+    except ValueError as e:
+        message = str(e)
+        raise ValueError(message if message.startswith(where()) else f"{where()}: {message}") from None
+    model = CausalLM(config, lora, quant=quantization, dtype=dtype, remat=remat, attention=attention,
+                     mlp_tile=mlp_tile)
     return model, variables, read_tokenizer()
 
 
@@ -78,18 +93,39 @@ def safetensors_files(folder: str) -> list[str]:
     return [os.path.join(folder, f) for f in files]
 
 
-def _folder_tensors(folder: str) -> Iterator[tuple[str, Any]]:
-    """Streams ``(name, array)``; bnb 4-bit weights come out as ``QuantizedArray`` (their keys grouped)."""
-    from safetensors import safe_open
+class FolderTensors:
+    """Streams ``(name, array)`` from a folder's safetensors files; bnb 4-bit weights come out as
+    ``QuantizedArray`` (their keys grouped). ``current`` is the file being read, for errors."""
 
-    for file in safetensors_files(folder):
-        with safe_open(file, framework="flax") as f:
-            keys = list(f.keys())
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.current: str | None = None
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        from safetensors import SafetensorError, safe_open
+
+        for file in safetensors_files(self.folder):
+            self.current = file
+            try:
+                f = safe_open(file, framework="flax")
+                keys = list(f.keys())
+            except (SafetensorError, OSError, ValueError) as e:
+                raise ValueError(f"{file} is not a readable safetensors file: {e}") from None
             prefixes = find_bnb_prefixes(dict.fromkeys(keys))
             quant_keys = {k for p in prefixes for k in keys if k == p or k.startswith(p + ".")}
             for p in prefixes:
-                yield p, from_bnb_state_dict({k: np.asarray(f.get_tensor(k)) for k in keys
+                yield p, from_bnb_state_dict({k: np.asarray(_read(f, file, k)) for k in keys
                                               if k == p or k.startswith(p + ".")}, prefix=p)
             for k in keys:
                 if k not in quant_keys:
-                    yield k, f.get_tensor(k)
+                    yield k, _read(f, file, k)
+
+
+def _read(f, file: str, key: str):
+    """One tensor of an open safetensors file, or an error that names the file and the tensor."""
+    from safetensors import SafetensorError
+
+    try:
+        return f.get_tensor(key)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{file}: tensor {key} cannot be read ({e}); the file is damaged or truncated") from None

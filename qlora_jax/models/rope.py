@@ -1,8 +1,10 @@
-"""Rotary position embeddings (Hugging Face's rotate-half layout), with Llama 3.1 / linear scaling.
+"""Rotary position embeddings (Hugging Face's rotate-half layout), with Llama 3.1, linear and LongRoPE scaling.
 
-For head dim ``d`` and position ``p``: ``inv_freq[j] = theta^(-2j/d)`` (j < d/2),
-``angle = p * inv_freq``, and a head vector ``x = [x1, x2]`` (halves) becomes
-``x * cos(angle ++ angle) + [-x2, x1] * sin(angle ++ angle)``.
+For rotary dim ``d`` (``head_dim`` or its leading ``partial_rotary_factor``) and position
+``p``: ``inv_freq[j] = theta^(-2j/d)`` (j < d/2), ``angle = p * inv_freq``, and the rotated
+part ``x = [x1, x2]`` (halves) of a head becomes
+``m * (x * cos(angle ++ angle) + [-x2, x1] * sin(angle ++ angle))``; the dims past ``d``
+pass unchanged. ``m`` is 1 except under LongRoPE (its ``attention_factor``).
 """
 
 from __future__ import annotations
@@ -12,18 +14,31 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from qlora_jax.models.config import LlamaConfig
+from qlora_jax.models.config import ModelConfig
 
 
-def inv_frequencies(config: LlamaConfig) -> np.ndarray:
-    """``(head_dim / 2,)`` float32 inverse frequencies after the configured scaling."""
-    d = config.head_dim
-    inv = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+def _base_inv(theta: float, dim: int) -> np.ndarray:
+    return 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+
+
+def inv_frequencies(config: ModelConfig, local: bool = False) -> np.ndarray:
+    """``(rotary_dim / 2,)`` float32 inverse frequencies after the configured scaling.
+
+    ``local``: those of the sliding-window layers, which use ``local_rope_theta`` unscaled
+    (Gemma 3) when it is set. LongRoPE has two sets; this is the short one
+    (``rope_frequencies`` picks per call).
+    """
+    d = config.rotary_dim
+    if local and config.local_rope_theta is not None:
+        return _base_inv(config.local_rope_theta, d).astype(np.float32)
+    inv = _base_inv(config.rope_theta, d)
     rs = config.rope_scaling
     if rs is None:
         return inv.astype(np.float32)
     if rs.rope_type == "linear":
         return (inv / rs.factor).astype(np.float32)
+    if rs.rope_type == "longrope":
+        return (inv / np.asarray(rs.short_factor, np.float64)).astype(np.float32)
     # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between
     low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
     high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
@@ -35,11 +50,38 @@ def inv_frequencies(config: LlamaConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: np.ndarray) -> jnp.ndarray:
-    """Rotates ``x`` of shape ``(B, T, heads, head_dim)`` by ``positions`` ``(B, T)``, in float32."""
+def rope_frequencies(config: ModelConfig, positions: jnp.ndarray, local: bool = False) -> tuple[jnp.ndarray, float]:
+    """``(inv_freq, m)`` for a call at ``positions`` ``(B, T)``.
+
+    LongRoPE uses its long factors once a position reaches ``original_max_position_embeddings``
+    (``max(positions) + 1`` beyond it, for the whole call, as transformers decides it).
+    """
+    inv = jnp.asarray(inv_frequencies(config, local))
+    rs = config.rope_scaling
+    if local and config.local_rope_theta is not None or rs is None or rs.rope_type != "longrope":
+        return inv, 1.0
+    long = jnp.asarray((_base_inv(config.rope_theta, config.rotary_dim)
+                        / np.asarray(rs.long_factor, np.float64)).astype(np.float32))
+    beyond = jnp.max(positions) + 1 > rs.original_max_position_embeddings
+    return jnp.where(beyond, long, inv), rs.attention_factor
+
+
+def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq, scale: float = 1.0) -> jnp.ndarray:
+    """Rotates the leading ``2 * len(inv_freq)`` dims of ``x`` ``(B, T, heads, head_dim)`` by ``positions`` ``(B, T)``.
+
+    In float32; cos and sin are multiplied by ``scale`` (LongRoPE's attention factor).
+    """
     angle = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # (B, T, d/2)
     angle = jnp.concatenate([angle, angle], axis=-1)[:, :, None, :]
     x32 = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    return (x32 * jnp.cos(angle) + rotated * jnp.sin(angle)).astype(x.dtype)
+    rot = angle.shape[-1]
+    xr, rest = x32[..., :rot], x32[..., rot:]
+    half = rot // 2
+    rotated = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    out = xr * cos + rotated * sin
+    if rest.shape[-1]:
+        out = jnp.concatenate([out, rest], axis=-1)
+    return out.astype(x.dtype)

@@ -34,7 +34,7 @@ def synthetic_tensors(config: LlamaConfig, seed: int = 0) -> Iterator[tuple[str,
     for name, shape in expected_shapes(config).items():
         rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
         k = rng.integers(-127, 128, shape, dtype=np.int8).astype(np.float32)
-        w = 1.0 + 0.1 * k * (1 / 127) if name.endswith("norm.weight") else k * np.float32(_STD)
+        w = 1.0 - config.norm_offset + 0.1 * k * (1 / 127) if name.endswith("norm.weight") else k * np.float32(_STD)
         yield name, w.astype(ml_dtypes.bfloat16)
 
 

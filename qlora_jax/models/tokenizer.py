@@ -3,12 +3,16 @@
 ``TextTokenizer`` wraps a ``tokenizers.Tokenizer`` with its special ids and the
 model's Jinja chat template (``apply_chat_template(messages)`` renders it the
 way transformers does: ``messages``, ``add_generation_prompt``, ``bos_token``,
-``eos_token``).
+``eos_token`` and any extra variables such as Qwen3's ``enable_thinking``, in a
+sandboxed environment with transformers' ``raise_exception``, ``strftime_now``,
+``tojson`` and loop controls, which the Gemma, Qwen3 and Phi templates use).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -35,16 +39,47 @@ class TextTokenizer:
     def token(self, token_id: int | None) -> str:
         return "" if token_id is None else self.tokenizer.id_to_token(token_id)
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
-        """The prompt text for ``messages`` ([{"role", "content"}, ...]) per the model's template."""
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True,
+                            **variables: Any) -> str:
+        """The prompt text for ``messages`` ([{"role", "content"}, ...]) per the model's template.
+
+        ``variables`` reach the template too (``enable_thinking=False`` for Qwen3). A template
+        that rejects the conversation (``raise_exception``) raises ``ValueError`` with its message.
+        """
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template; format the prompt yourself")
         import jinja2
 
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        template = env.from_string(self.chat_template)
-        return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                               bos_token=self.token(self.bos_id), eos_token=self.token(self.eos_id))
+        try:
+            return compiled_template(self.chat_template).render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt,
+                bos_token=self.token(self.bos_id), eos_token=self.token(self.eos_id), **variables)
+        except jinja2.TemplateError as err:
+            raise ValueError(f"the chat template failed: {err}") from None
+
+
+def _raise_exception(message: str):
+    import jinja2
+
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_template(template: str):
+    """``template`` compiled once, in the environment transformers renders chat templates in."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(template)
 
 
 def tokenizer_from_gguf_fields(meta: Mapping[str, Any]) -> TextTokenizer:

@@ -21,41 +21,47 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax.layers import FROZEN, QuantConfig
-from qlora_jax.models.config import LlamaConfig
-from qlora_jax.models.llama import LoraConfig
+from qlora_jax.models.blocks import LoraConfig, lora_targets
+from qlora_jax.models.config import ModelConfig
+from qlora_jax.models.family import LayerTensor, family_of
 from qlora_jax.models.stacking import LAYERS, StackedWriter
 from qlora_jax.quant import QuantizedArray, quantize
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.(weight|bias)$")
-_NORM = re.compile(r"^model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
+_TOP = {"model.embed_tokens.weight": ("embed_tokens",), "lm_head.weight": ("lm_head",), "model.norm.weight": ("norm", "weight")}
+_LEAF = {"proj": "kernel", "bias": "bias", "norm": "weight", "table": "weight"}
 
 
-def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Every HF tensor name the model needs, with its shape."""
+def expected_tensors(config: ModelConfig) -> dict[str, LayerTensor]:
+    """Every HF tensor name the model needs, with its shape and kind (the family's layer tensors, per layer)."""
     c = config
-    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    shapes = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size), "model.norm.weight": (c.hidden_size,)}
+    table = {"model.embed_tokens.weight": LayerTensor((c.vocab_size, c.hidden_size), "table"),
+             "model.norm.weight": LayerTensor((c.hidden_size,), "norm")}
     if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+        table["lm_head.weight"] = LayerTensor((c.vocab_size, c.hidden_size), "table")
+    layer = family_of(c).layer_tensors(c)
     for i in range(c.num_hidden_layers):
-        p = f"model.layers.{i}"
-        proj = {"self_attn.q_proj": (q, c.hidden_size), "self_attn.k_proj": (kv, c.hidden_size),
-                "self_attn.v_proj": (kv, c.hidden_size), "self_attn.o_proj": (c.hidden_size, q),
-                "mlp.gate_proj": (c.intermediate_size, c.hidden_size), "mlp.up_proj": (c.intermediate_size, c.hidden_size),
-                "mlp.down_proj": (c.hidden_size, c.intermediate_size)}
-        for name, shape in proj.items():
-            shapes[f"{p}.{name}.weight"] = shape
-        if c.attention_bias:
-            shapes.update({f"{p}.self_attn.q_proj.bias": (q,), f"{p}.self_attn.k_proj.bias": (kv,),
-                           f"{p}.self_attn.v_proj.bias": (kv,)})
-        shapes[f"{p}.input_layernorm.weight"] = (c.hidden_size,)
-        shapes[f"{p}.post_attention_layernorm.weight"] = (c.hidden_size,)
-    return shapes
+        table.update({f"model.layers.{i}.{name}": t for name, t in layer.items()})
+    return table
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor name the model needs, with its shape."""
+    return {name: t.shape for name, t in expected_tensors(config).items()}
+
+
+def tree_path(name: str, kind: str) -> tuple[tuple[str, ...], int | None]:
+    """``(path below the collection or below layers/, layer index or None)`` of an HF tensor name."""
+    if name in _TOP:
+        return _TOP[name], None
+    m = _LAYER.match(name)
+    parts = m.group(2).split(".")
+    return (*parts[:-1], _LEAF[kind]), int(m.group(1))
 
 
 def variables_from_tensors(
-    config: LlamaConfig,
+    config: ModelConfig,
     tensors: Iterable[tuple[str, Any]],
     quant: QuantConfig | None = QuantConfig(),
     lora: LoraConfig = LoraConfig(),
@@ -63,25 +69,25 @@ def variables_from_tensors(
     base_dtype=jnp.bfloat16,
     param_dtype=jnp.float32,
 ) -> dict[str, Any]:
-    """``{"params": LoRA, "frozen": base}`` for ``LlamaForCausalLM(config, lora, quant)``.
+    """``{"params": LoRA, "frozen": base}`` for ``CausalLM(config, lora, quant)``.
 
-    Raises ``ValueError`` naming unknown, missing or mis-shaped tensors.
+    Raises ``ValueError`` naming unknown, missing, mis-shaped or non-finite tensors.
     """
-    shapes = expected_shapes(config)
+    table = expected_tensors(config)
     frozen: dict[str, Any] = {}
     layers = StackedWriter(config.num_hidden_layers)
     seen = set()
     unknown = []
     for name, value in tensors:
-        if name not in shapes:
+        if name not in table:
             if config.tie_word_embeddings and name == "lm_head.weight" or _IGNORED.search(name):
                 continue
             unknown.append(name)
             continue
         shape = tuple(value.shape)
-        if shape != shapes[name]:
-            raise ValueError(f"tensor {name} has shape {shape}, the config needs {shapes[name]}")
-        path, layer, stored = _place(name, value, quant, base_dtype)
+        if shape != table[name].shape:
+            raise ValueError(f"tensor {name} has shape {shape}, the config needs {table[name].shape}")
+        path, layer, stored = _place(name, table[name].kind, value, quant, base_dtype)
         # wait for this tensor's conversion before reading the next: with async dispatch the
         # float copies would otherwise pile up, and peak memory would be the float model's
         if layer is None:
@@ -92,7 +98,7 @@ def variables_from_tensors(
         seen.add(name)
     if unknown:
         raise ValueError(f"{len(unknown)} tensors the {config.model_type} model does not use: {unknown[:5]}")
-    missing = [n for n in shapes if n not in seen]
+    missing = [n for n in table if n not in seen]
     if missing:
         raise ValueError(f"{len(missing)} tensors missing from the checkpoint, e.g. {missing[:5]}")
     for path, stack in layers.items():
@@ -101,57 +107,61 @@ def variables_from_tensors(
     return {"params": params, FROZEN: frozen}
 
 
-def init_lora(config: LlamaConfig, lora: LoraConfig, key: jax.Array, param_dtype=jnp.float32) -> dict[str, Any]:
+def init_lora(config: ModelConfig, lora: LoraConfig, key: jax.Array, param_dtype=jnp.float32) -> dict[str, Any]:
     """PEFT's init for every targeted projection: ``A ~ U(+-1/sqrt(in))`` ``(in, r)``, ``B = 0`` ``(r, out)``.
 
     Stacked over the layers (``(L, in, r)`` and ``(L, r, out)``); layer ``i``'s ``A`` is
     drawn from the ``k``-th split of ``key`` in HF tensor order, as it always was.
     """
     per_layer: dict[tuple[str, ...], list] = {}
-    if lora.rank == 0:
+    targets = lora_targets(config, lora)
+    if not targets:
         return {}
-    for name, shape in expected_shapes(config).items():
-        m = _LAYER.match(name)
-        if not m or m.group(4) != "weight" or m.group(3) not in lora.targets:
+    for name, t in expected_tensors(config).items():
+        if t.kind != "proj" or not name.startswith("model.layers."):
             continue
-        out_f, in_f = shape
+        path, _ = tree_path(name, t.kind)
+        if path[-2] not in targets:
+            continue
+        out_f, in_f = t.shape
         key, sub = jax.random.split(key)
         bound = 1.0 / math.sqrt(in_f)
-        path = (m.group(2), m.group(3))
-        per_layer.setdefault(path + ("lora_a",), []).append(
+        per_layer.setdefault(path[:-1] + ("lora_a",), []).append(
             jax.random.uniform(sub, (in_f, lora.rank), param_dtype, -bound, bound))
-        per_layer.setdefault(path + ("lora_b",), []).append(jnp.zeros((lora.rank, out_f), param_dtype))
+        per_layer.setdefault(path[:-1] + ("lora_b",), []).append(jnp.zeros((lora.rank, out_f), param_dtype))
     params: dict[str, Any] = {}
     for path, leaves in per_layer.items():
         _set(params, (LAYERS, *path), jnp.stack(leaves))
     return params
 
 
-def _place(name: str, value, quant: QuantConfig | None, base_dtype) -> tuple[tuple[str, ...], int | None, Any]:
+def _place(name: str, kind: str, value, quant: QuantConfig | None,
+           base_dtype) -> tuple[tuple[str, ...], int | None, Any]:
     """``(path, layer, stored value)``: ``layer`` is ``None`` outside the decoder layers."""
+    path, layer = tree_path(name, kind)
     if isinstance(value, QuantizedArray):  # pre-quantized (a bnb checkpoint): kept, or dequantized for a float base
-        m = _LAYER.match(name)
-        if not m or m.group(4) != "weight":
+        if kind != "proj" or layer is None:
             raise ValueError(f"tensor {name} is 4-bit quantized; only projection weights may be")
-        path = (m.group(2), m.group(3), "kernel")
-        return path, int(m.group(1)), value if quant is not None else value.dequantize(base_dtype)
+        return path, layer, value if quant is not None else value.dequantize(base_dtype)
     value = jnp.asarray(value)
-    if name == "model.embed_tokens.weight":
-        return ("embed_tokens",), None, value.astype(base_dtype)
-    if name == "lm_head.weight":
-        return ("lm_head",), None, value.astype(base_dtype)
-    if name == "model.norm.weight":
-        return ("norm", "weight"), None, value.astype(jnp.float32)
-    m = _NORM.match(name)
-    if m:
-        return (m.group(2), "weight"), int(m.group(1)), value.astype(jnp.float32)
-    m = _LAYER.match(name)
-    path, layer = (m.group(2), m.group(3)), int(m.group(1))
-    if m.group(4) == "bias":
-        return path + ("bias",), layer, value.astype(base_dtype)
-    if quant is None:
-        return path + ("kernel",), layer, value.astype(base_dtype)
-    return path + ("kernel",), layer, quantize(value, quant.quant_type, quant.blocksize, double_quant=quant.double_quant)
+    if kind == "proj" and quant is not None:  # quantize rejects NaN / inf itself, with their positions
+        try:
+            return path, layer, quantize(value, quant.quant_type, quant.blocksize, double_quant=quant.double_quant)
+        except ValueError as e:
+            raise ValueError(f"tensor {name}: {e}") from None
+    _check_finite(name, value)
+    return path, layer, value.astype(jnp.float32 if kind == "norm" else base_dtype)
+
+
+def _check_finite(name: str, value: jax.Array) -> None:
+    """Raises naming ``name`` when a float base tensor holds NaN or inf (quantize does the same for 4-bit ones)."""
+    if not jnp.issubdtype(value.dtype, jnp.floating) or isinstance(value, jax.core.Tracer):  # traced: a plan
+        return
+    bad = int(jnp.sum(~jnp.isfinite(value)))
+    if bad:
+        first = np.argwhere(~np.isfinite(np.asarray(value)))[0].tolist()
+        raise ValueError(f"tensor {name} holds {bad} NaN or inf values (the first at index {first}); "
+                         "the checkpoint is damaged")
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:

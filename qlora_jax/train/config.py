@@ -29,7 +29,10 @@ from typing import Any
 from qlora_jax.kernels import BACKENDS
 from qlora_jax.layers.qlora_dense import QuantConfig
 from qlora_jax.models.attention import IMPLEMENTATIONS
-from qlora_jax.models.llama import ALL_TARGETS, REMAT_POLICIES, LoraConfig
+from qlora_jax.models.blocks import LLAMA_TARGETS as ALL_TARGETS
+from qlora_jax.models.blocks import LoraConfig
+from qlora_jax.models.decoder import REMAT_POLICIES
+from qlora_jax.models.family import known_targets
 from qlora_jax.optim.chain import SCHEDULES, STATE_BITS, OptimizerConfig
 from qlora_jax.quant.api import check_blocksize
 from qlora_jax.quant.codebooks import QUANT_TYPES
@@ -152,9 +155,9 @@ class LoraSection(_Section):
             self._fail("dropout", "must be in [0, 1)")
         if not self.targets:
             self._fail("targets", f"is empty; name at least one of {ALL_TARGETS}")
-        unknown = [t for t in self.targets if t not in ALL_TARGETS]
+        unknown = [t for t in self.targets if t not in known_targets()]
         if unknown:
-            self._fail("targets", f"has {unknown}, not projections; choose from {ALL_TARGETS}")
+            self._fail("targets", f"has {unknown}, not projections; choose from {known_targets()}")
         if len(set(self.targets)) != len(self.targets):
             self._fail("targets", "names a projection twice")
 

@@ -32,6 +32,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qlora_jax.layers import merge, split_trainable, trainable_summary
+from qlora_jax.models.config import read_hf_config
 from qlora_jax.models.export import save_merged, save_peft_adapter
 from qlora_jax.models.generate import generate
 from qlora_jax.models.loaders import from_pretrained
@@ -228,7 +229,9 @@ def run(config: TrainConfig) -> dict[str, Any]:
     if config.output.export_peft:
         save_peft_adapter(os.path.join(out, "adapter"), jax.device_get(params), lora, base_model_name_or_path=model_path)
     if config.output.export_merged:
-        save_merged(os.path.join(out, "merged"), model.config, merge(jax.device_get(params), jax.device_get(frozen)), lora)
+        base = read_hf_config(model_path) if os.path.isdir(model_path) else None
+        save_merged(os.path.join(out, "merged"), model.config, merge(jax.device_get(params), jax.device_get(frozen)), lora,
+                    base_config=base)
     if config.output.plot:
         plot_losses(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
     summary.update(_loss_summary(os.path.join(out, "metrics.jsonl")), tokens_per_s=tokens_seen / max(train_seconds, 1e-9),

@@ -15,7 +15,10 @@ One JSON object per line, in one of three shapes (other fields are ignored):
   from the end of ``render(messages[:i], add_generation_prompt=True)`` to the end of
   ``render(messages[:i + 1])`` less trailing whitespace (each checked to be a prefix of the
   full render); a token of the full render is trained on when its first character lies in
-  such a span, so the ids are exactly ``encode(apply_chat_template(messages))``.
+  such a span, so the ids are exactly ``encode(apply_chat_template(messages))``. A template
+  that renders a last assistant turn unlike the same turn with more after it (Qwen3's empty
+  think block) is handled by finding the turn's content in the full render after its header,
+  plus the end-of-turn text that closes it.
 
 Content counts as empty when it is only whitespace; a prompt may be empty.
 
@@ -33,7 +36,6 @@ counted and logged; blank lines are skipped silently.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -119,25 +121,14 @@ def record_shape(record: Any) -> str:
     return shape
 
 
-@functools.lru_cache(maxsize=8)
-def _compiled(template: str):
-    import jinja2
-
-    return jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(template)
-
-
 def render_chat(tokenizer, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> str:
-    """``tokenizer.apply_chat_template``, with the template compiled once (it is rendered ~2x per assistant turn)."""
+    """``tokenizer.apply_chat_template`` (the template is compiled once; it is rendered ~2x per assistant turn)."""
     if not tokenizer.chat_template:
         raise RecordError("field 'messages' needs a chat template, and the tokenizer has none")
-    import jinja2
-
     try:
-        return _compiled(tokenizer.chat_template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt,
-            bos_token=tokenizer.token(tokenizer.bos_id), eos_token=tokenizer.token(tokenizer.eos_id))
-    except jinja2.TemplateError as err:
-        raise RecordError(f"field 'messages': the chat template failed: {err}") from None
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    except ValueError as err:
+        raise RecordError(f"field 'messages': {err}") from None
 
 
 def _encode_messages(tokenizer, messages: list, max_len: int | None) -> Example:
@@ -156,12 +147,27 @@ def _encode_messages(tokenizer, messages: list, max_len: int | None) -> Example:
         if len(head) >= cut:  # this turn (and every later one) starts past the cut: not rendered again
             break
         turn = render_chat(tokenizer, messages[: i + 1], False)  # ... + this turn, closed
-        if not (turn.startswith(head) and full.startswith(turn)):
+        if not (turn.startswith(head) and full.startswith(head)):
             raise RecordError(f"field 'messages'[{i}]: the chat template does not render the conversation as "
                               "growing prefixes (conversation up to this message, then the rest)")
-        lo, hi = len(head), len(turn.rstrip())  # content + end-of-turn token, not the trailing newline
-        trainable |= (starts >= lo) & (starts < hi)
+        lo = len(head)
+        hi = len(turn.rstrip()) if full.startswith(turn) else _turn_end(full, lo, turn, m["content"], i)
+        trainable |= (starts >= lo) & (starts < hi)  # content + end-of-turn token, not the trailing newline
     return Example(tokens, trainable)
+
+
+def _turn_end(full: str, lo: int, turn: str, content: str, i: int) -> int:
+    """Where assistant turn ``i`` ends in ``full`` when the template renders a last turn differently
+    from the same turn followed by more (Qwen3 writes an empty think block into the last one only):
+    after its content, found from ``lo`` on, and the end-of-turn text that closes it in ``turn``."""
+    text = content.strip()
+    at = full.find(text, lo)
+    if not text or at < 0 or turn.rfind(text) < 0:
+        raise RecordError(f"field 'messages'[{i}]: the chat template does not render the conversation as "
+                          "growing prefixes, and this message's content is not in the rendered conversation")
+    end = at + len(text)
+    closing = turn[turn.rfind(text) + len(text):].rstrip()  # the end-of-turn token(s), as the last turn shows them
+    return end + len(closing) if full.startswith(closing, end) else end
 
 
 def encode_record(record: Mapping, tokenizer, *, add_bos: bool = False, max_len: int | None = None) -> Example:

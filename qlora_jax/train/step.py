@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from qlora_jax.layers import merge
-from qlora_jax.models.llama import head_table
+from qlora_jax.models.decoder import head_table
 from qlora_jax.train.loss import token_nll
 
 
@@ -47,7 +47,7 @@ def token_losses(model, variables, batch, rng, deterministic: bool, loss_chunk: 
                          deterministic=deterministic, rngs=None if deterministic else {"dropout": rng},
                          return_hidden=True)
     head = jax.lax.stop_gradient(head_table(model.config, variables))
-    nll = token_nll(hidden, head, batch["targets"], loss_chunk)
+    nll = token_nll(hidden, head, batch["targets"], loss_chunk, softcap=model.config.final_softcap)
     mask = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(nll * mask), jnp.sum(mask)
 

@@ -52,7 +52,7 @@ def test_mistral_sliding_window_and_file_source(tmp_path):
 @pytest.mark.parametrize(
     "change,message",
     [
-        ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, r"model_type='gpt2'.*GPT2LMHeadModel.*supported: \('llama', 'mistral', 'qwen2'\)"),
+        ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, r"model_type='gpt2'.*GPT2LMHeadModel.*supported: \('llama', 'mistral', 'qwen2', "),
         ({"num_key_value_heads": 5}, "num_attention_heads=32 must be a multiple of num_key_value_heads=5"),
         ({"hidden_size": 4001}, "hidden_size=4001 is not divisible by num_attention_heads=32"),
         ({"rms_norm_eps": -1.0}, "rms_norm_eps=-1.0 must be a positive number"),

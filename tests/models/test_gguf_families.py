@@ -1,0 +1,73 @@
+"""GGUF files of Qwen3, Gemma 2, Gemma 3 and Phi-3 (as llama.cpp writes them) load to transformers' logits."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from familymodels import hf_model
+from gguffiles import write_gguf
+
+from qlora_jax.models.config import config_from_gguf, from_hf_config
+from qlora_jax.models.loaders import from_pretrained
+
+pytestmark = pytest.mark.oracle
+
+# llama.cpp fixes what its GGUF cannot say: Gemma's query scale is head_dim^-1/2 (below 27B), Gemma 3's
+# pattern is five sliding layers to one full, its local rope base 10,000; LongRoPE factors are tensors
+# this loader does not read (it says so). The kinds here keep to what the file carries.
+KINDS = {
+    "qwen3": {},
+    "gemma2": {"query_pre_attn_scalar": 16},
+    "gemma3": {"query_pre_attn_scalar": 16, "num_hidden_layers": 6, "layer_types": None,
+               "sliding_window_pattern": 6},
+    "phi3": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75},
+             "original_max_position_embeddings": 256, "max_position_embeddings": 256},
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gguf_loads_with_transformers_logits(rng, tmp_path, kind):
+    import torch
+
+    hf = hf_model(kind, **KINDS[kind])
+    path = write_gguf(hf, str(tmp_path / f"{kind}.gguf"))
+    want = from_hf_config(hf.config.to_dict())
+    got = config_from_gguf(path)
+    assert got.rms_norm_eps == pytest.approx(want.rms_norm_eps, rel=1e-6)  # stored as float32
+    got = dataclasses.replace(got, rms_norm_eps=want.rms_norm_eps)
+    assert got == want, {k: (getattr(got, k), getattr(want, k)) for k in want.__dataclass_fields__
+                         if getattr(got, k) != getattr(want, k)}
+    model, v, tok = from_pretrained(path, quantization=None, dtype=jnp.float32, base_dtype=jnp.float32)
+    assert tok is None  # this file has no tokenizer tables
+    tokens = rng.integers(0, 256, (2, 24))
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(tokens)).logits.numpy()
+    ours = np.asarray(model.apply(v, jnp.asarray(tokens)))
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_longrope_gguf_says_what_it_cannot_read(tmp_path):
+    hf = hf_model("phi3")
+    path = str(tmp_path / "phi3.gguf")
+    write_gguf(hf, path)
+    import gguf
+
+    # what llama.cpp adds for LongRoPE: the factors as tensors
+    reader_path = str(tmp_path / "phi3-longrope.gguf")
+    w = gguf.GGUFWriter(reader_path, "phi3")
+    r = gguf.GGUFReader(path)
+    for key, field in r.fields.items():
+        if key.startswith("phi3."):
+            w.add_key_value(key, field.contents(), field.types[0])
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data))
+    w.add_tensor("rope_factors_long.weight", np.ones(6, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match=reader_path + ".*LongRoPE.*load the Hugging Face folder"):
+        from_pretrained(reader_path)
