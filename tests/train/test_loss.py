@@ -43,6 +43,24 @@ def test_token_nll_matches_whole_logits(rng, chunk, dtype):
     assert vjp(g)[0].dtype == h.dtype
 
 
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_soft_capped_token_nll_matches_whole_logits(rng, chunk):
+    """Gemma 2's final cap ``c tanh(z / c)``: values and the gradient (through ``cap'``) as autodiff gives them,
+    and the cap changes both (the logits here reach well past c = 2)."""
+    b, t, d, vocab = 2, 13, 32, 97
+    h = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
+    head = jnp.asarray(rng.standard_normal((vocab, d)) * 0.5, jnp.float32)
+    y = jnp.asarray(rng.integers(0, vocab, (b, t)), jnp.int32)
+    g = jnp.asarray(rng.standard_normal((b, t)), jnp.float32)
+    got, vjp = jax.vjp(lambda h: token_nll(h, head, y, chunk, softcap=2.0), h)
+    want, vjp_ref = jax.vjp(lambda h: reference_token_nll(h, head, y, softcap=2.0), h)
+    assert _rel_max(got, want) <= REL and _rel_max(vjp(g)[0], vjp_ref(g)[0]) <= REL
+    uncapped, vjp_plain = jax.vjp(lambda h: reference_token_nll(h, head, y), h)
+    assert _rel_max(uncapped, want) > 0.1 and _rel_max(vjp_plain(g)[0], vjp_ref(g)[0]) > 0.1
+    with pytest.raises(ValueError, match="softcap=0.0 must be > 0"):
+        token_nll(h, head, y, chunk, softcap=0.0)
+
+
 def _tiny(rng, tied: bool):
     cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=8, tie_word_embeddings=tied)
