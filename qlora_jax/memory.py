@@ -274,7 +274,7 @@ def state_bytes(config: LlamaConfig, *, lora: LoraConfig = LoraConfig(), quant: 
             parts = quantized_bytes(size, quant)
             codes, scales, nested = codes + parts[0], scales + parts[1], nested + parts[2]
         else:
-            unquantized += size * (4 if tensor.kind == "norm" else base)
+            unquantized += size * (4 if tensor.kind in ("norm", "float") else base)
     count = sum(lora_sizes.values())
     state = sum(adam_state_bytes(s, optimizer) for s in lora_sizes.values()) + STEP_COUNTER_BYTES
     return StateBytes(codes, scales, nested, unquantized, 4 * count, state, count, base_count)

@@ -9,18 +9,24 @@ Each kind exercises what sets its family apart, at sizes that run in a second on
 * ``gemma3``: q/k norms, three layers (sliding, full, sliding), local rope base 10,000 and a
   linearly scaled global one;
 * ``phi3``: fused qkv and gate_up, LongRoPE (original context 16, so 40 tokens use the long
-  factors) and a partial rotary factor of 0.75 (Phi-4-mini's).
+  factors) and a partial rotary factor of 0.75 (Phi-4-mini's);
+* ``mixtral``: four experts, two per token, and a sliding window of 8.
+
+transformers 5 holds Mixtral's experts fused in memory (``mlp.experts.gate_up_proj``) and
+writes them per expert (``block_sparse_moe.experts.{e}.w1.weight``), as every Hub folder has
+them: ``disk_tensors`` gives the names a checkpoint has.
 """
 
 from __future__ import annotations
 
-KINDS = ("qwen3", "gemma2", "gemma3", "phi3")
+KINDS = ("qwen3", "gemma2", "gemma3", "phi3", "mixtral")
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256)
 LORA_TARGETS = {"qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                 "gemma2": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
                 "gemma3": ["q_proj", "k_proj", "gate_proj", "down_proj"],
-                "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+                "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+                "mixtral": ["q_proj", "v_proj", "o_proj"]}
 
 
 def hf_config(kind: str, **overrides):
@@ -46,7 +52,26 @@ def hf_config(kind: str, **overrides):
         return transformers.Phi3Config(**{**COMMON, "max_position_embeddings": 64,
                                           "original_max_position_embeddings": 16, "rope_parameters": rope,
                                           "pad_token_id": 0, **overrides})
+    if kind == "mixtral":
+        return transformers.MixtralConfig(**{**COMMON, "num_local_experts": 4, "num_experts_per_tok": 2,
+                                             "sliding_window": 8, **overrides})
     raise AssertionError(kind)
+
+
+def disk_tensors(hf) -> dict:
+    """The model's tensors under the names ``save_pretrained`` writes (float32 numpy)."""
+    import tempfile
+
+    from safetensors.numpy import load_file
+
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save_pretrained(folder)
+        import glob
+
+        out = {}
+        for f in sorted(glob.glob(f"{folder}/*.safetensors")):
+            out.update(load_file(f))
+        return out
 
 
 def hf_model(kind: str, seed: int = 0, **overrides):

@@ -94,6 +94,8 @@ class ModelConfig:
     layer_types: tuple[str, ...] | None = None  # "full" / "sliding" per layer; None: all use sliding_window
     local_rope_theta: float | None = None  # rope base of the sliding layers (Gemma 3); None: rope_theta
     partial_rotary_factor: float = 1.0  # the leading fraction of head_dim that rope rotates (Phi-4-mini)
+    num_experts: int = 0  # MLP experts per layer (Mixtral: 8); 0: a dense MLP
+    experts_per_token: int = 0  # experts each token is routed to (Mixtral: 2)
 
     def __post_init__(self):
         from qlora_jax.models.family import supported_model_types
@@ -130,6 +132,9 @@ class ModelConfig:
         if not 0 < self.partial_rotary_factor <= 1 or int(self.head_dim * self.partial_rotary_factor) % 2:
             raise ValueError(f"partial_rotary_factor={self.partial_rotary_factor} must be in (0, 1] and rotate an "
                              f"even number of the head_dim={self.head_dim} dims")
+        if self.num_experts and not 1 <= self.experts_per_token <= self.num_experts:
+            raise ValueError(f"experts_per_token={self.experts_per_token} must be in [1, num_experts="
+                             f"{self.num_experts}]")
         rs = self.rope_scaling
         if rs is not None and rs.rope_type == "longrope" and len(rs.short_factor) != self.rotary_dim // 2:
             raise ValueError(f"rope_scaling.short_factor has {len(rs.short_factor)} values; the rotary dim "

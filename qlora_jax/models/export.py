@@ -202,6 +202,11 @@ def merged_tensors(variables: dict[str, Any], lora: LoraConfig) -> dict[str, np.
             if "kernel" not in leaves:  # a norm
                 out[f"{name}.weight"] = _f32(leaves["weight"])
                 continue
+            if _expert_stacked(leaves["kernel"]):  # (E, out, in): HF numbers each expert after "experts"
+                at = path.index("experts") + 1
+                for e, w in enumerate(_f32(leaves["kernel"])):
+                    out[f"model.layers.{i}.{'.'.join((*path[:at], str(e), *path[at:]))}.weight"] = w
+                continue
             w = _f32(leaves["kernel"])
             try:
                 ab = _get(lora_layer, path)
@@ -256,7 +261,14 @@ def requantization_error(tensors: dict[str, np.ndarray], quant_type: str = "nf4"
     return float(np.sqrt(err / norm))
 
 
+def _expert_stacked(kernel) -> bool:
+    """True for one layer's kernel stacked over experts (codes ``(E, n)``, or a float ``(E, out, in)``)."""
+    return kernel.codes.ndim == 2 if isinstance(kernel, QuantizedArray) else np.ndim(kernel) == 3
+
+
 def _f32(x) -> np.ndarray:
     if isinstance(x, QuantizedArray):
+        if x.codes.ndim == 2:
+            return np.stack([np.asarray(layer_slice(x, e).dequantize(jnp.float32)) for e in range(x.codes.shape[0])])
         return np.asarray(x.dequantize(jnp.float32))
     return np.asarray(jnp.asarray(x, jnp.float32))

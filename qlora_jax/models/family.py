@@ -25,8 +25,8 @@ import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-FAMILY_MODULES = ("llama", "qwen3", "gemma", "phi3")
-KINDS = ("proj", "bias", "norm", "table")
+FAMILY_MODULES = ("llama", "qwen3", "gemma", "phi3", "mixtral")
+KINDS = ("proj", "bias", "norm", "float", "table")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +34,9 @@ class LayerTensor:
     """One tensor of a decoder layer: its HF shape and kind.
 
     ``proj``: a linear weight ``(out, in)``, 4-bit quantized and LoRA-able; ``bias``: a
-    projection's bias; ``norm``: a norm weight, kept in float32; ``table``: the embeddings
-    or the output head (outside the layers).
+    projection's bias; ``norm``: a norm weight, kept in float32; ``float``: another frozen
+    float32 matrix (Mixtral's router); ``table``: the embeddings or the output head (outside
+    the layers).
     """
 
     shape: tuple[int, ...]
@@ -67,10 +68,15 @@ class Family:
     def resolve_targets(self, targets: tuple[str, ...]) -> tuple[str, ...]:
         """``targets`` in this family's projection names, in ``self.targets`` order.
 
+        All seven Llama names (``LoraConfig``'s default) mean every projection the family adapts.
         A fused projection stands for the Llama names it fuses (Phi-3: ``q_proj, k_proj,
         v_proj`` -> ``qkv_proj``) when all of them are named; naming only some is an error,
         since one LoRA pair cannot adapt part of a fused weight.
         """
+        from qlora_jax.models.blocks import LLAMA_TARGETS
+
+        if set(targets) == set(LLAMA_TARGETS):  # the default, "every projection": every one this family adapts
+            return self.targets
         chosen = {t for t in targets if t in self.targets}
         for fused, parts in self.target_aliases.items():
             named = [p for p in parts if p in targets]

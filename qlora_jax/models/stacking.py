@@ -45,47 +45,59 @@ def stack_layers(trees: list):
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _write(stack, value, index):
-    return jax.tree.map(lambda s, v: jax.lax.dynamic_update_index_in_dim(s, v.astype(s.dtype), index, 0), stack, value)
+    def put(s, v):
+        v = v.astype(s.dtype).reshape((1,) * len(index) + v.shape)
+        return jax.lax.dynamic_update_slice(s, v, (*index, *(0,) * (s.ndim - len(index))))
+
+    return jax.tree.map(put, stack, value)
 
 
 class StackedWriter:
-    """Builds ``{path: stacked pytree}`` from ``(path, layer, value)`` writes, in any order.
+    """Builds ``{path: stacked pytree}`` from ``(path, index, value)`` writes, in any order.
 
-    The first write of a path allocates its ``(L, ...)`` arrays (zeros, the value's dtypes)
-    on the value's device; every write then updates one layer in place (the stack is
-    donated), so the peak is the stack plus one layer's value.
+    ``index`` is the layer, or ``(layer, expert)`` for a leaf stacked over experts too
+    (``sizes`` then gives the number of experts: ``(L, E)``). The first write of a path
+    allocates its ``(L, ...)`` (or ``(L, E, ...)``) arrays (zeros, the value's dtypes) on the
+    value's device; every write then updates one slot in place (the stack is donated), so
+    the peak is the stack plus one slot's value.
     """
 
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
         self._stacks: dict[tuple[str, ...], Any] = {}
-        self._filled: dict[tuple[str, ...], set[int]] = {}
+        self._filled: dict[tuple[str, ...], set[tuple[int, ...]]] = {}
         self._structure: dict[tuple[str, ...], Any] = {}
+        self._sizes: dict[tuple[str, ...], tuple[int, ...]] = {}
 
-    def write(self, path: tuple[str, ...], layer: int, value) -> None:
-        if not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer {layer} of {'/'.join(path)} is outside the model's {self.num_layers} layers")
+    def write(self, path: tuple[str, ...], index: int | tuple[int, ...], value,
+              sizes: tuple[int, ...] | None = None) -> None:
+        index = (index,) if isinstance(index, int) else tuple(index)
+        sizes = (self.num_layers,) if sizes is None else tuple(sizes)
+        where = f"layer {index[0]}" + "".join(f", expert {i}" for i in index[1:]) + f" of {'/'.join(path)}"
+        if len(index) != len(sizes) or not all(0 <= i < n for i, n in zip(index, sizes)):
+            raise ValueError(f"{where} is outside the model's {' x '.join(map(str, sizes))} (layers, experts)")
         structure = jax.tree.structure(value)
         if path not in self._stacks:
-            self._structure[path] = structure
-            self._stacks[path] = jax.tree.map(lambda v: jnp.zeros((self.num_layers, *v.shape), v.dtype), value)
-            self._filled[path] = set()
+            self._structure[path], self._sizes[path], self._filled[path] = structure, sizes, set()
+            self._stacks[path] = jax.tree.map(lambda v: jnp.zeros((*sizes, *v.shape), v.dtype), value)
         elif structure != self._structure[path]:
-            raise ValueError(f"layer {layer} of {'/'.join(path)} is stored as {structure}, "
-                             f"earlier layers as {self._structure[path]}")
-        elif layer in self._filled[path]:
-            raise ValueError(f"layer {layer} of {'/'.join(path)} was given twice")
-        mismatched = [(s.shape[1:], v.shape) for s, v in zip(jax.tree.leaves(self._stacks[path]), jax.tree.leaves(value))
-                      if s.shape[1:] != v.shape]
+            raise ValueError(f"{where} is stored as {structure}, earlier ones as {self._structure[path]}")
+        elif index in self._filled[path]:
+            raise ValueError(f"{where} was given twice")
+        k = len(sizes)
+        mismatched = [(s.shape[k:], v.shape) for s, v in zip(jax.tree.leaves(self._stacks[path]), jax.tree.leaves(value))
+                      if s.shape[k:] != v.shape]
         if mismatched:
-            raise ValueError(f"layer {layer} of {'/'.join(path)} has leaf shapes {mismatched[0][1]}, "
-                             f"earlier layers {mismatched[0][0]}")
-        self._stacks[path] = jax.block_until_ready(_write(self._stacks[path], value, layer))
-        self._filled[path].add(layer)
+            raise ValueError(f"{where} has leaf shapes {mismatched[0][1]}, earlier ones {mismatched[0][0]}")
+        self._stacks[path] = jax.block_until_ready(_write(self._stacks[path], value, index))
+        self._filled[path].add(index)
 
-    def missing(self) -> list[tuple[tuple[str, ...], int]]:
-        """``(path, layer)`` of every layer not yet written, for the paths seen."""
-        return [(p, i) for p, done in self._filled.items() for i in range(self.num_layers) if i not in done]
+    def missing(self) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+        """``(path, index)`` of every slot not yet written, for the paths seen."""
+        import itertools
+
+        return [(p, i) for p, done in self._filled.items()
+                for i in itertools.product(*map(range, self._sizes[p])) if i not in done]
 
     def items(self):
         return self._stacks.items()

@@ -30,7 +30,7 @@ from qlora_jax.quant import QuantizedArray, quantize
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
 _TOP = {"model.embed_tokens.weight": ("embed_tokens",), "lm_head.weight": ("lm_head",), "model.norm.weight": ("norm", "weight")}
-_LEAF = {"proj": "kernel", "bias": "bias", "norm": "weight", "table": "weight"}
+_LEAF = {"proj": "kernel", "bias": "bias", "norm": "weight", "float": "weight", "table": "weight"}
 
 
 def expected_tensors(config: ModelConfig) -> dict[str, LayerTensor]:
@@ -51,13 +51,23 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {name: t.shape for name, t in expected_tensors(config).items()}
 
 
-def tree_path(name: str, kind: str) -> tuple[tuple[str, ...], int | None]:
-    """``(path below the collection or below layers/, layer index or None)`` of an HF tensor name."""
+def tree_path(name: str, kind: str) -> tuple[tuple[str, ...], tuple[int, ...] | None]:
+    """``(path below the collection or below layers/, stacking index or None)`` of an HF tensor name.
+
+    The index is ``(layer,)``, or ``(layer, expert)`` for a numbered component below the layer
+    (``block_sparse_moe.experts.3.w1.weight``: expert 3 of the ``(L, E, ...)`` stack
+    ``layers/block_sparse_moe/experts/w1/kernel``).
+    """
     if name in _TOP:
         return _TOP[name], None
     m = _LAYER.match(name)
-    parts = m.group(2).split(".")
-    return (*parts[:-1], _LEAF[kind]), int(m.group(1))
+    parts = m.group(2).split(".")[:-1]
+    numbers = tuple(int(p) for p in parts if p.isdigit())
+    return (*(p for p in parts if not p.isdigit()), _LEAF[kind]), (int(m.group(1)), *numbers)
+
+
+def _stack_sizes(config: ModelConfig, index: tuple[int, ...]) -> tuple[int, ...]:
+    return (config.num_hidden_layers, config.num_experts)[: len(index)]
 
 
 def variables_from_tensors(
@@ -87,13 +97,13 @@ def variables_from_tensors(
         shape = tuple(value.shape)
         if shape != table[name].shape:
             raise ValueError(f"tensor {name} has shape {shape}, the config needs {table[name].shape}")
-        path, layer, stored = _place(name, table[name].kind, value, quant, base_dtype)
+        path, index, stored = _place(name, table[name].kind, value, quant, base_dtype)
         # wait for this tensor's conversion before reading the next: with async dispatch the
         # float copies would otherwise pile up, and peak memory would be the float model's
-        if layer is None:
+        if index is None:
             _set(frozen, path, jax.block_until_ready(stored))
         else:
-            layers.write(path, layer, stored)
+            layers.write(path, index, stored, _stack_sizes(config, index))
         del value, stored
         seen.add(name)
     if unknown:
@@ -136,8 +146,8 @@ def init_lora(config: ModelConfig, lora: LoraConfig, key: jax.Array, param_dtype
 
 
 def _place(name: str, kind: str, value, quant: QuantConfig | None,
-           base_dtype) -> tuple[tuple[str, ...], int | None, Any]:
-    """``(path, layer, stored value)``: ``layer`` is ``None`` outside the decoder layers."""
+           base_dtype) -> tuple[tuple[str, ...], tuple[int, ...] | None, Any]:
+    """``(path, stacking index, stored value)``: the index is ``None`` outside the decoder layers."""
     path, layer = tree_path(name, kind)
     if isinstance(value, QuantizedArray):  # pre-quantized (a bnb checkpoint): kept, or dequantized for a float base
         if kind != "proj" or layer is None:
@@ -150,7 +160,7 @@ def _place(name: str, kind: str, value, quant: QuantConfig | None,
         except ValueError as e:
             raise ValueError(f"tensor {name}: {e}") from None
     _check_finite(name, value)
-    return path, layer, value.astype(jnp.float32 if kind == "norm" else base_dtype)
+    return path, layer, value.astype(jnp.float32 if kind in ("norm", "float") else base_dtype)
 
 
 def _check_finite(name: str, value: jax.Array) -> None:

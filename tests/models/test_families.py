@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from familymodels import KINDS, LORA_TARGETS, hf_model
+from familymodels import KINDS, LORA_TARGETS, disk_tensors, hf_model
 
 from qlora_jax.layers import QuantConfig
 from qlora_jax.models.blocks import LoraConfig
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.oracle
 
 def _ours(hf, quant=None, lora=LoraConfig(rank=4)):
     cfg = from_hf_config(hf.config.to_dict())
-    v = variables_from_tensors(cfg, numpy_tensors(hf.state_dict()), quant=quant, lora=lora, base_dtype=jnp.float32)
+    v = variables_from_tensors(cfg, numpy_tensors(disk_tensors(hf)), quant=quant, lora=lora, base_dtype=jnp.float32)
     return CausalLM(cfg, lora, quant=quant, dtype=jnp.float32), v
 
 
@@ -81,15 +81,32 @@ def test_nf4_bytes_and_logits_match_bitsandbytes(rng, tmp_path, kind):
                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
     q_hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_cfg,
                                                              dtype=torch.float32).eval()
+    import bitsandbytes.functional as bnbf
+
     model, v = _ours(hf, quant=QuantConfig("nf4", 64, True))
     projections = [n for n, t in family_of(model.config).layer_tensors(model.config).items() if t.kind == "proj"]
     assert projections
+    weights = disk_tensors(hf)
+    every_projection_in_bnb = True
     for i, layer in enumerate(q_hf.model.layers):
         for name in projections:
-            group, proj, _ = name.split(".")
-            theirs = getattr(getattr(layer, group), proj).weight.data.numpy().reshape(-1)
-            ours_q = layer_slice(v["frozen"]["layers"][group][proj]["kernel"], i)
-            np.testing.assert_array_equal(np.asarray(ours_q.codes), theirs, err_msg=f"layer {i} {name}")
+            *module, _ = name.split(".")
+            node = v["frozen"]["layers"]
+            for part in module:
+                node = node if part.isdigit() else node[part]
+            ours_q = layer_slice(node["kernel"], i)
+            if any(p.isdigit() for p in module):  # an expert: transformers keeps the fused (E, ...) experts in
+                # float, so bnb's bytes come from bnb's own quantize_4bit on that expert's (out, in) matrix
+                ours_q = layer_slice(ours_q, int(next(p for p in module if p.isdigit())))
+                w = torch.from_numpy(np.ascontiguousarray(weights[f"model.layers.{i}.{name}"]))
+                theirs = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)[0]
+                every_projection_in_bnb = False
+            else:
+                theirs = getattr(getattr(layer, module[0]), module[1]).weight.data
+            np.testing.assert_array_equal(np.asarray(ours_q.codes), theirs.numpy().reshape(-1),
+                                          err_msg=f"layer {i} {name}")
+    if not every_projection_in_bnb:
+        return
     tokens = rng.integers(0, 256, (2, 24))
     ref = _torch_logits(q_hf, tokens)
     ours = np.asarray(model.apply(v, jnp.asarray(tokens)))
@@ -166,7 +183,7 @@ def test_from_pretrained_reads_the_saved_folder_in_nf4(rng, tmp_path, kind):
     lora = LoraConfig(rank=2)
     model, v, tok = from_pretrained(tmp_path, lora=lora, dtype=jnp.float32, base_dtype=jnp.float32)
     assert tok is None and model.config == from_hf_config(hf.config.to_dict())
-    adapted = {k for k in v["params"]["layers"]["self_attn"]} | {k for k in v["params"]["layers"]["mlp"]}
+    adapted = {k for group in v["params"]["layers"].values() for k in group}
     assert adapted == set(family_of(model.config).targets)
     ref_model, ref_v = _ours(hf, quant=QuantConfig(), lora=lora)
     tokens = jnp.asarray(rng.integers(0, 256, (1, 16)))
