@@ -17,7 +17,6 @@ sequence tiles (``mlp_tile`` is ignored by the experts).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
