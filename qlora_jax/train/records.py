@@ -15,10 +15,11 @@ One JSON object per line, in one of three shapes (other fields are ignored):
   from the end of ``render(messages[:i], add_generation_prompt=True)`` to the end of
   ``render(messages[:i + 1])`` less trailing whitespace (each checked to be a prefix of the
   full render); a token of the full render is trained on when its first character lies in
-  such a span, so the ids are exactly ``encode(apply_chat_template(messages))``. A template
-  that renders a last assistant turn unlike the same turn with more after it (Qwen3's empty
-  think block) is handled by finding the turn's content in the full render after its header,
-  plus the end-of-turn text that closes it.
+  such a span, so the ids are exactly ``encode(apply_chat_template(messages))``. The end of
+  a turn is its content, found after its header, plus the end-of-turn text that follows it
+  in every rendering (``_turn_end``), so templates that render a last turn unlike the same
+  turn with more after it (Qwen3's empty think block, Phi-3's closing ``<|endoftext|>``)
+  are masked right too.
 
 Content counts as empty when it is only whitespace; a prompt may be empty.
 
@@ -151,23 +152,45 @@ def _encode_messages(tokenizer, messages: list, max_len: int | None) -> Example:
             raise RecordError(f"field 'messages'[{i}]: the chat template does not render the conversation as "
                               "growing prefixes (conversation up to this message, then the rest)")
         lo = len(head)
-        hi = len(turn.rstrip()) if full.startswith(turn) else _turn_end(full, lo, turn, m["content"], i)
+        hi = _turn_end(tokenizer, messages, i, full, lo, turn)
         trainable |= (starts >= lo) & (starts < hi)  # content + end-of-turn token, not the trailing newline
     return Example(tokens, trainable)
 
 
-def _turn_end(full: str, lo: int, turn: str, content: str, i: int) -> int:
-    """Where assistant turn ``i`` ends in ``full`` when the template renders a last turn differently
-    from the same turn followed by more (Qwen3 writes an empty think block into the last one only):
-    after its content, found from ``lo`` on, and the end-of-turn text that closes it in ``turn``."""
-    text = content.strip()
-    at = full.find(text, lo)
-    if not text or at < 0 or turn.rfind(text) < 0:
+def _turn_end(tokenizer, messages: list, i: int, full: str, lo: int, turn: str) -> int:
+    """Where assistant turn ``i`` ends in ``full``: after its content (found from ``lo``, the end of its
+    header) and the end-of-turn text that closes it.
+
+    That text is what follows the content in every rendering of the turn: as the last turn
+    (``turn``), inside ``full``, and followed by one more user message. So ChatML's
+    ``<|im_end|>`` is trained on, but not Phi-3's end-of-conversation ``<|endoftext|>`` after a
+    last turn, nor the next turn's header. A template that renders a last turn differently
+    (Qwen3's empty think block, before the content) is covered as well.
+    """
+    text = messages[i]["content"].strip()
+    at = full.find(text, lo) if text else -1
+    if at < 0:
+        if full.startswith(turn):  # content the template rewrites: the whole closed turn, as rendered
+            return len(turn.rstrip())
         raise RecordError(f"field 'messages'[{i}]: the chat template does not render the conversation as "
                           "growing prefixes, and this message's content is not in the rendered conversation")
     end = at + len(text)
-    closing = turn[turn.rfind(text) + len(text):].rstrip()  # the end-of-turn token(s), as the last turn shows them
-    return end + len(closing) if full.startswith(closing, end) else end
+    tails = [full[end:]]
+    for other in (turn, _render_or_none(tokenizer, [*messages[: i + 1], {"role": "user", "content": "."}])):
+        where = -1 if other is None else other.find(text, lo)
+        if where >= 0:
+            tails.append(other[where + len(text):])
+    closing = os.path.commonprefix(tails)
+    if closing not in tails:  # cut inside a token (Phi-3: "<|end|>\n<|" of "<|user|>" / "<|endoftext|>"): back
+        closing = closing[: max(closing.rfind(c) for c in " \n\t")] if any(c in closing for c in " \n\t") else ""
+    return end + len(closing.rstrip())
+
+
+def _render_or_none(tokenizer, messages: list) -> str | None:
+    try:
+        return render_chat(tokenizer, messages, False)
+    except RecordError:  # a template may refuse the probe (two user turns in a row, say)
+        return None
 
 
 def encode_record(record: Mapping, tokenizer, *, add_bos: bool = False, max_len: int | None = None) -> Example:
