@@ -235,3 +235,16 @@ class DecoderLayerBase(Sublayer):
 
     deterministic: bool = True
     mlp_tile: int = 0  # tokens per MLP tile (tiled_mlp); 0: the whole sequence at once
+
+    def begin(self, h, positions, segment_ids, kv, index, kind, attention_cls: type | None = None):
+        """How every family's layer begins: ``(h tagged LAYER_INPUT, self_attn(input_layernorm(h)), new kv)``.
+
+        Called from the layer's ``nn.compact`` ``__call__``; ``attention_cls`` replaces
+        ``SelfAttention`` (Phi-3's fused projections).
+        """
+        from jax.ad_checkpoint import checkpoint_name
+
+        h = checkpoint_name(h, LAYER_INPUT)
+        out, new_kv = (attention_cls or SelfAttention)(*self.parts(), name="self_attn")(
+            norm(self.config, "input_layernorm")(h), positions, segment_ids, kv, index, kind, self.deterministic)
+        return h, out, new_kv

@@ -21,10 +21,9 @@ from typing import Any
 
 import flax.linen as nn
 import numpy as np
-from jax.ad_checkpoint import checkpoint_name
 
 from qlora_jax.models import llama
-from qlora_jax.models.blocks import FULL, LAYER_INPUT, LLAMA_TARGETS, DecoderLayerBase, SelfAttention, norm, tiled_mlp
+from qlora_jax.models.blocks import FULL, LLAMA_TARGETS, DecoderLayerBase, norm, tiled_mlp
 from qlora_jax.models.config import (ModelConfig, common_fields, gguf_common_fields, gguf_field, hf_layer_types,
                                      rope_parameters)
 from qlora_jax.models.family import Family, LayerTensor
@@ -40,9 +39,7 @@ class DecoderLayer(DecoderLayerBase):
     @nn.compact
     def __call__(self, h, positions, segment_ids, kv, index, kind=FULL):
         c = self.config
-        h = checkpoint_name(h, LAYER_INPUT)
-        attn_out, new_kv = SelfAttention(*self.parts(), name="self_attn")(
-            norm(c, "input_layernorm")(h), positions, segment_ids, kv, index, kind, self.deterministic)
+        h, attn_out, new_kv = self.begin(h, positions, segment_ids, kv, index, kind)
         h = h + norm(c, "post_attention_layernorm")(attn_out)
         mlp_out = tiled_mlp(self, norm(c, "pre_feedforward_layernorm")(h), self.mlp_tile, self.deterministic)
         return h + norm(c, "post_feedforward_layernorm")(mlp_out), new_kv

@@ -16,10 +16,8 @@ from typing import Any
 
 import flax.linen as nn
 import numpy as np
-from jax.ad_checkpoint import checkpoint_name
 
-from qlora_jax.models.blocks import (FULL, LAYER_INPUT, LLAMA_TARGETS, DecoderLayerBase, LoraConfig, RMSNorm,
-                                     SelfAttention, norm, tiled_mlp)
+from qlora_jax.models.blocks import FULL, LLAMA_TARGETS, DecoderLayerBase, LoraConfig, RMSNorm, norm, tiled_mlp
 from qlora_jax.models.config import ModelConfig, common_fields, gguf_common_fields, hf_layer_types
 from qlora_jax.models.family import Family, LayerTensor
 
@@ -48,9 +46,7 @@ class DecoderLayer(DecoderLayerBase):
     @nn.compact
     def __call__(self, h, positions, segment_ids, kv, index, kind=FULL):
         c = self.config
-        h = checkpoint_name(h, LAYER_INPUT)
-        attn_out, new_kv = SelfAttention(*self.parts(), name="self_attn")(
-            norm(c, "input_layernorm")(h), positions, segment_ids, kv, index, kind, self.deterministic)
+        h, attn_out, new_kv = self.begin(h, positions, segment_ids, kv, index, kind)
         h = h + attn_out
         return h + tiled_mlp(self, norm(c, "post_attention_layernorm")(h), self.mlp_tile, self.deterministic), new_kv
 

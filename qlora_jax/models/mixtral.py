@@ -22,12 +22,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from qlora_jax.layers import FROZEN, QuantConfig
 from qlora_jax.layers.qlora_dense import torch_linear_init
 from qlora_jax.models import llama
-from qlora_jax.models.blocks import FULL, LAYER_INPUT, DecoderLayerBase, SelfAttention, Sublayer, activation, norm
+from qlora_jax.models.blocks import FULL, DecoderLayerBase, Sublayer, activation, norm
 from qlora_jax.models.config import ModelConfig, common_fields
 from qlora_jax.models.family import Family, LayerTensor
 from qlora_jax.models.stacking import stack_layers
@@ -137,9 +136,7 @@ class DecoderLayer(DecoderLayerBase):
     @nn.compact
     def __call__(self, h, positions, segment_ids, kv, index, kind=FULL):
         c = self.config
-        h = checkpoint_name(h, LAYER_INPUT)
-        attn_out, new_kv = SelfAttention(*self.parts(), name="self_attn")(
-            norm(c, "input_layernorm")(h), positions, segment_ids, kv, index, kind, self.deterministic)
+        h, attn_out, new_kv = self.begin(h, positions, segment_ids, kv, index, kind)
         h = h + attn_out
         moe = SparseMoe(*self.parts(), name="block_sparse_moe")(norm(c, "post_attention_layernorm")(h))
         return h + moe.astype(h.dtype), new_kv

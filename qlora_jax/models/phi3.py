@@ -17,9 +17,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
-from jax.ad_checkpoint import checkpoint_name
 
-from qlora_jax.models.blocks import FULL, LAYER_INPUT, DecoderLayerBase, SelfAttention, norm, tiled_mlp
+from qlora_jax.models.blocks import FULL, DecoderLayerBase, SelfAttention, norm, tiled_mlp
 from qlora_jax.models.config import ModelConfig, common_fields, gguf_common_fields, rope_parameters
 from qlora_jax.models.family import Family, LayerTensor
 
@@ -42,9 +41,7 @@ class DecoderLayer(DecoderLayerBase):
     @nn.compact
     def __call__(self, h, positions, segment_ids, kv, index, kind=FULL):
         c = self.config
-        h = checkpoint_name(h, LAYER_INPUT)
-        attn_out, new_kv = FusedAttention(*self.parts(), name="self_attn")(
-            norm(c, "input_layernorm")(h), positions, segment_ids, kv, index, kind, self.deterministic)
+        h, attn_out, new_kv = self.begin(h, positions, segment_ids, kv, index, kind, FusedAttention)
         h = h + attn_out
         x = norm(c, "post_attention_layernorm")(h)
         return h + tiled_mlp(self, x, self.mlp_tile, self.deterministic, fused=True), new_kv
