@@ -29,18 +29,21 @@ allocated) and compiled, and ``compiled.memory_analysis().temp_size_in_bytes`` i
   extrapolated linearly, ``temp(L) = temp(2) + (L - 2) * (temp(3) - temp(2))``: every layer after the
   first adds its saved input and nothing else at remat full (``tests/test_memory.py`` checks the
   extrapolation against a direct compile).
-* **The platform.** XLA's CPU compiler plans the step here. On a GPU, attention ``"auto"`` is the fused
-  Pallas kernel, which cannot be lowered on a CPU; it is planned as ``"chunked"``, which keeps the same
-  residuals (q, k, v, the output and the row log-sum-exp, O(T)). The CPU compiler also upcasts bf16
-  matmuls to float32 around the dots, so bf16 plans run high against a GPU's; a GPU measurement
-  (``scripts/gpu_check.sh``) is the final word. One CPU-only buffer is left out: the float32 copy
-  the CPU keeps of the layer scan's bf16 stack of saved inputs (``cpu_stack_upcast_bytes``).
+* **The platform.** XLA compiles the step for the default backend. On a CPU, attention ``"auto"``
+  for a GPU is the fused Pallas kernel, which cannot be lowered there; it is planned as ``"chunked"``,
+  which keeps the same residuals (q, k, v, the output and the row log-sum-exp, O(T)). The CPU
+  compiler also upcasts bf16 matmuls to float32 around the dots, so bf16 plans made on a CPU run high
+  against a GPU's. One CPU-only buffer is left out: the float32 copy the CPU keeps of the layer scan's
+  bf16 stack of saved inputs (``cpu_stack_upcast_bytes``). Run on a GPU (``scripts/gpu_check.sh``'s
+  plan stage), the planner compiles the fused kernel and XLA's GPU buffer assignment is the plan.
 
-``remat="offload"`` (each layer's saved input on the host): XLA's CPU compiler drops the offload
-(host and device are one RAM there), so the step compiles to remat full's; the plan then moves the
-saved inputs, ``L * batch * seq_len * hidden * itemsize(compute dtype)``, from the step's device
-temporaries to the host column (``offloaded_activations``). ``tests/models/test_scan.py`` checks, on
-the CUDA lowering, that exactly those ``(batch, seq_len, hidden)`` inputs are what goes to pinned_host.
+``remat="offload"`` (each layer's saved input on the host): on a GPU the compiled step places those
+inputs in host memory and reports them as host temporaries (``host_temp_size_in_bytes``), which are
+the plan's host column. XLA's CPU compiler drops the offload (host and device are one RAM there), so
+the step compiles to remat full's; the plan then moves the saved inputs,
+``L * batch * seq_len * hidden * itemsize(compute dtype)``, from the step's device temporaries to the
+host column (``offloaded_activations``). ``tests/models/test_scan.py`` checks, on the CUDA lowering,
+that exactly those ``(batch, seq_len, hidden)`` inputs are what goes to pinned_host.
 
 ``offload`` (the optimizer state on the host): the step is compiled with the state on the device and
 the state is then left out of the device total, except while it is updated:
@@ -182,9 +185,17 @@ def abstract_variables(config: LlamaConfig, lora: LoraConfig, quant: QuantConfig
     return jax.eval_shape(lambda: variables_from_tensors(config, tensors(), quant, lora, base_dtype=jnp.dtype(base_dtype)))
 
 
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+    """What XLA's ``memory_analysis()`` of the compiled step reports: device and host temporaries."""
+
+    temp: int  # device temporaries, less the CPU-only float32 stack (``cpu_stack_upcast_bytes``)
+    host_temp: int  # temporaries XLA placed in host memory (remat offload on a GPU; 0 on a CPU)
+
+
 @functools.lru_cache(maxsize=128)
-def compiled_step_temp(config: LlamaConfig, shape: StepShape) -> int:
-    """``temp_size_in_bytes`` of the trainer's train step for ``config``, compiled on abstract shapes."""
+def compiled_step_memory(config: LlamaConfig, shape: StepShape) -> StepMemory:
+    """The trainer's train step for ``config``, compiled on abstract shapes: its temporaries by memory space."""
     from qlora_jax.optim import OptimizerConfig, make_optimizer
     from qlora_jax.train.step import make_train_step
 
@@ -198,7 +209,14 @@ def compiled_step_temp(config: LlamaConfig, shape: StepShape) -> int:
     step = jax.jit(make_train_step(model, tx, shape.loss_chunk), donate_argnums=(0, 1))
     lowered = step.lower(params, jax.eval_shape(tx.init, params), frozen, batch, jax.random.key(0))
     compiled = lowered.compile()
-    return int(compiled.memory_analysis().temp_size_in_bytes) - cpu_stack_upcast_bytes(config, shape, compiled)
+    stats = compiled.memory_analysis()
+    temp = int(stats.temp_size_in_bytes) - cpu_stack_upcast_bytes(config, shape, compiled)
+    return StepMemory(temp, int(getattr(stats, "host_temp_size_in_bytes", 0) or 0))
+
+
+def compiled_step_temp(config: LlamaConfig, shape: StepShape) -> int:
+    """``temp_size_in_bytes`` of the trainer's train step for ``config``, compiled on abstract shapes."""
+    return compiled_step_memory(config, shape).temp
 
 
 def cpu_stack_upcast_bytes(config: LlamaConfig, shape: StepShape, compiled) -> int:
@@ -220,15 +238,22 @@ def cpu_stack_upcast_bytes(config: LlamaConfig, shape: StepShape, compiled) -> i
     return math.prod(dims) * (4 - itemsize)
 
 
-def step_temp_bytes(config: LlamaConfig, shape: StepShape) -> tuple[int, bool]:
-    """``(temp bytes, extrapolated)`` of the step at ``config``'s depth (module docstring: "Depth")."""
+def step_memory(config: LlamaConfig, shape: StepShape) -> tuple[StepMemory, bool]:
+    """``(temporaries, extrapolated)`` of the step at ``config``'s depth (module docstring: "Depth")."""
     depth = config.num_hidden_layers
     low, high = EXTRAPOLATION_DEPTHS
     if depth <= high:
-        return compiled_step_temp(config, shape), False
-    t_low = compiled_step_temp(dataclasses.replace(config, num_hidden_layers=low), shape)
-    t_high = compiled_step_temp(dataclasses.replace(config, num_hidden_layers=high), shape)
-    return t_low + (depth - low) * (t_high - t_low), True
+        return compiled_step_memory(config, shape), False
+    m_low = compiled_step_memory(dataclasses.replace(config, num_hidden_layers=low), shape)
+    m_high = compiled_step_memory(dataclasses.replace(config, num_hidden_layers=high), shape)
+    line = lambda a, b: a + (depth - low) * (b - a)  # noqa: E731
+    return StepMemory(line(m_low.temp, m_high.temp), line(m_low.host_temp, m_high.host_temp)), True
+
+
+def step_temp_bytes(config: LlamaConfig, shape: StepShape) -> tuple[int, bool]:
+    """``(temp bytes, extrapolated)`` of the step at ``config``'s depth (module docstring: "Depth")."""
+    m, extrapolated = step_memory(config, shape)
+    return m.temp, extrapolated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,11 +306,12 @@ def state_bytes(config: LlamaConfig, *, lora: LoraConfig = LoraConfig(), quant: 
 
 
 def planned_attention(attention: str, seq_len: int, head_dim: int, platform: str) -> str:
-    """The implementation the step is compiled with: ``attention`` resolved for ``platform``, pallas as chunked."""
+    """The implementation the step is compiled with: ``attention`` resolved for ``platform``; pallas is planned
+    as chunked unless XLA compiles for a GPU here (the fused kernel lowers only there)."""
     if platform not in PLATFORMS:
         raise ValueError(f"platform={platform!r} is not one of {PLATFORMS}")
     impl, _ = resolve_implementation(attention, seq_len, seq_len, head_dim, platform)
-    return "chunked" if impl == "pallas" else impl
+    return "chunked" if impl == "pallas" and jax.default_backend() != "gpu" else impl
 
 
 def plan(config: LlamaConfig, *, batch: int, seq_len: int, lora: LoraConfig = LoraConfig(),
@@ -306,9 +332,9 @@ def plan(config: LlamaConfig, *, batch: int, seq_len: int, lora: LoraConfig = Lo
     impl = planned_attention(attention, seq_len, config.head_dim, platform)
     shape = StepShape(batch, seq_len, lora, quant, optimizer, remat, jnp.dtype(compute_dtype).name,
                       jnp.dtype(base_dtype).name, impl, loss_chunk, mlp_tile)
-    temp, extrapolated = step_temp_bytes(config, shape)
-    on_host = 0
-    if remat == "offload":  # compiled as remat full on the CPU (module docstring)
+    m, extrapolated = step_memory(config, shape)
+    temp, on_host = m.temp, m.host_temp
+    if remat == "offload" and jax.default_backend() == "cpu":  # XLA's CPU drops the offload (module docstring)
         on_host = config.num_hidden_layers * batch * seq_len * config.hidden_size * _bytes("compute_dtype", compute_dtype)
         temp -= on_host
     update = 8 * s.lora_count + 2 * s.optimizer_state if offload else 0

@@ -144,10 +144,12 @@ def run_ours(folder: str, quantized: bool, args, remat: str = "full") -> dict:
         times.append(time.perf_counter() - t0)
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use", _peak_rss())
-    planned = plan(model.config, batch=b, seq_len=t, lora=lora, quant=quant, remat=remat,
-                   compute_dtype=jnp.dtype(dtype).name).device_bytes
-    return dict(load_s=load_s, first_step_s=times[0], step_s=statistics.median(times[1:]), loss=loss,
-                peak_bytes=peak, peak_kind="device" if "peak_bytes_in_use" in stats else "rss", planned_bytes=planned)
+    out = dict(load_s=load_s, first_step_s=times[0], step_s=statistics.median(times[1:]), loss=loss,
+               peak_bytes=peak, peak_kind="device" if "peak_bytes_in_use" in stats else "rss")
+    if args.plan:
+        out["planned_bytes"] = plan(model.config, batch=b, seq_len=t, lora=lora, quant=quant, remat=remat,
+                                    compute_dtype=jnp.dtype(dtype).name).device_bytes
+    return out
 
 
 def torch_step(folder: str, quantized: bool, args):
@@ -345,6 +347,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                     help="compute dtype of both stacks (auto: bfloat16 on a GPU, float32 on a CPU)")
+    ap.add_argument("--no-plan", dest="plan", action="store_false",
+                    help="skip the planner's prediction for ours-* (scripts/plan_curve.py plans it in parallel)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--cache", default=".cache/bench")
     ap.add_argument("--json")
