@@ -73,14 +73,20 @@ def _dequantize(q: QuantizedArray, dtype, block_sizes: DequantBlockSizes, interp
     nb, b = q.num_blocks, q.blocksize
     ops = operands(q, nb)
     rows = block_sizes.rows
+    # whole tiles only: Pallas' Triton lowering masks no tile access (a tile past the end reads and writes
+    # out of bounds), so the codes and scales get zero rows up to a multiple of ``rows``, dropped after
+    padded = pl.cdiv(nb, rows) * rows
+    if padded != nb:
+        pad = lambda a: jnp.pad(a, ((0, padded - nb), (0, 0)))  # noqa: E731
+        ops = dataclasses.replace(ops, codes=pad(ops.codes), scales=pad(ops.scales))
     kernel = functools.partial(
         _kernel, quant_type=q.quant_type, blocksize=b, nested_blocksize=q.nested_blocksize,
         num_blocks=nb, rows=rows, lookup=block_sizes.lookup,
     )
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((nb, b), dtype),
-        grid=(pl.cdiv(nb, rows),),
+        out_shape=jax.ShapeDtypeStruct((padded, b), dtype),
+        grid=(padded // rows,),
         in_specs=[
             pl.BlockSpec((rows, b // 2), lambda i: (i, 0)),
             pl.BlockSpec((rows, 1), lambda i: (i, 0)),
@@ -92,7 +98,7 @@ def _dequantize(q: QuantizedArray, dtype, block_sizes: DequantBlockSizes, interp
         debug=compat.pallas_debug(),
         name="qlora_dequantize",
     )(*ops.arrays())
-    return out.reshape(q.shape)
+    return out[:nb].reshape(q.shape)
 
 
 def pallas_dequantize(q: QuantizedArray, dtype=jnp.bfloat16, *, block_sizes: DequantBlockSizes | None = None,

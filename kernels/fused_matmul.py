@@ -170,6 +170,9 @@ def _call(lhs, ops: Operands, shape_nk, quant, bs: MatmulBlockSizes, interpret: 
     quant_type, b, b2 = quant
     m = lhs.shape[0]
     bm, bn, bk, split = bs.block_m, bs.block_n, bs.block_k, bs.split
+    # Every tile must lie inside its array: Pallas' Triton lowering masks no block access, so a tile hanging
+    # past the last row reads and writes out of bounds (on the H200 it overwrote the next split's partial sums).
+    lhs = _pad_rows(lhs, pl.cdiv(m, bm) * bm)
     out_cols, tile_cols = (k, bk) if transpose else (n, bn)
     steps = (n // bn if transpose else k // bk) // split
     out_dtype = jnp.float32 if split > 1 else lhs.dtype
@@ -185,8 +188,8 @@ def _call(lhs, ops: Operands, shape_nk, quant, bs: MatmulBlockSizes, interpret: 
                                nested_blocksize=b2, blocks_per_row=k // b)
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((split, m, out_cols), out_dtype),
-        grid=(pl.cdiv(m, bm), out_cols // tile_cols, split),
+        out_shape=jax.ShapeDtypeStruct((split, lhs.shape[0], out_cols), out_dtype),
+        grid=(lhs.shape[0] // bm, out_cols // tile_cols, split),
         in_specs=[lhs_spec, *w_specs, *(_whole(a.shape) for a in ops.arrays()[2:])],
         out_specs=pl.BlockSpec((None, bm, tile_cols), lambda i, j, s: (s, i, j)),
         compiler_params=compat.triton_params(bs.num_warps, bs.num_stages),
@@ -195,8 +198,13 @@ def _call(lhs, ops: Operands, shape_nk, quant, bs: MatmulBlockSizes, interpret: 
         name="qlora_matmul_t" if transpose else "qlora_matmul",
     )(lhs, *ops.arrays())
     if split == 1:
-        return out[0]
-    return jnp.sum(out, axis=0).astype(lhs.dtype)
+        return out[0, :m]
+    return jnp.sum(out[:, :m], axis=0).astype(lhs.dtype)
+
+
+def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
+    """``x`` with zero rows appended up to ``rows`` (``x`` itself when it has them)."""
+    return x if x.shape[0] == rows else jnp.pad(x, ((0, rows - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))
 
 
 @functools.partial(jax.jit, static_argnames=("shape_nk", "quant", "block_sizes", "interpret", "transpose"))

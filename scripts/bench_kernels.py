@@ -134,7 +134,9 @@ def bench_layer(shapes, ms, reps, runs, rank=64):
 
 
 def _short(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
+    """The error's type and first non-empty lines (Triton's CompilationError puts the cause after "at L:C:")."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return f"{type(e).__name__}: {' / '.join(lines[:4])[:300]}".replace("|", "/") if lines else type(e).__name__
 
 
 def table(rows) -> str:

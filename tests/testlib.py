@@ -133,3 +133,35 @@ def bnb_state_dict(packed, state, prefix: str = "weight") -> dict[str, np.ndarra
     for key, value in state.as_dict(packed=True).items():
         out[f"{prefix}.{key}"] = value.numpy()
     return out
+
+
+def overhanging_pallas_blocks(fn, *args) -> list[str]:
+    """Every block of every ``pallas_call`` in ``fn(*args)``'s jaxpr that does not tile its array exactly.
+
+    Pallas' Triton lowering masks no block access: a block hanging past an array's end reads and
+    writes out of bounds on a GPU (it corrupted the fused matmul's split-K sums on the H200), while
+    interpret mode pads it silently. So the kernels' wrappers pad to whole blocks, and this checks it.
+    """
+    import jax
+
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                name = eqn.params.get("name_and_src_info", eqn.params.get("name", "pallas_call"))
+                for bm in eqn.params["grid_mapping"].block_mappings:
+                    shape = bm.array_aval.shape
+                    blocks = [getattr(d, "block_size", d) for d in bm.block_shape]
+                    for dim, blk in zip(shape, blocks):
+                        if isinstance(blk, int) and blk > 1 and dim % blk:
+                            found.append(f"{name}: block {tuple(blocks)} over array {tuple(shape)}")
+                            break
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (list, tuple)) else (value,):
+                    inner = getattr(sub, "jaxpr", None)
+                    if inner is not None:
+                        walk(inner if hasattr(inner, "eqns") else inner.jaxpr)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found

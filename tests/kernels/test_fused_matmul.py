@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax._src.ad_checkpoint import saved_residuals
-from testlib import TOL, rel_err
+from testlib import TOL, overhanging_pallas_blocks, rel_err
 
 import qlora_jax as qj
 from qlora_jax.kernels import AUTO_FUSED_MAX_M, MatmulBlockSizes, quantized_matmul, resolve_backend
@@ -62,6 +62,17 @@ def test_blocksizes(rng, blocksize):
 
 def test_bf16(rng):
     _check("pallas", *_case(rng, 24, 64, 256, dtype=jnp.bfloat16))
+
+
+@pytest.mark.parametrize("m", [1, 7, 20, 130])
+def test_every_tile_lies_inside_its_array(rng, m):
+    """Ragged M (decode's M = 1, a partial last tile) is padded to whole tiles in both kernels, split-K included:
+    Pallas' Triton lowering masks no tile access, so an overhanging tile corrupts memory on a GPU."""
+    q, x, dy = _case(rng, m, 128, 512)
+    split = MatmulBlockSizes(block_m=16, block_n=32, block_k=64, split=2)
+    for kw in ({}, {"block_sizes": split, "bwd_block_sizes": split}):
+        f = lambda x, dy: jax.vjp(lambda x: quantized_matmul(x, q, "pallas", **kw), x)[1](dy)  # noqa: E731
+        assert overhanging_pallas_blocks(f, x, dy) == []
 
 
 @pytest.mark.parametrize("lookup", ["select", "gather"])
