@@ -64,6 +64,13 @@ def table_scalars(quant_type: str) -> list[np.float32]:
     return [np.float32(v) for v in code_table(quant_type)]
 
 
+def call_inputs(lhs, q) -> tuple:
+    """The kernels' inputs in parameter order: ``lhs``, the weight's arrays, ``M, N, K`` and ``T0..T15``."""
+    n, k = q.shape
+    codes, scales, nested, offset, dmap, _ = operands(q, n).arrays()
+    return (lhs, codes, scales, nested, offset, dmap, lhs.shape[0], n, k, *table_scalars(q.quant_type))
+
+
 def matmul_2d(lhs, q, *, transpose: bool, block_sizes: MatmulBlockSizes | None = None):
     """``lhs @ W.T`` (``lhs (M, K)``) or, with ``transpose``, ``lhs @ W`` (``lhs (M, N)``) via jax-triton."""
     import jax_triton as jt
@@ -73,10 +80,9 @@ def matmul_2d(lhs, q, *, transpose: bool, block_sizes: MatmulBlockSizes | None =
     bs, grid, meta = launch_config(m, q, transpose, block_sizes)
     out_cols = k if transpose else n
     out_dtype = jnp.float32 if bs.split > 1 else lhs.dtype
-    codes, scales, nested, offset, dmap, _ = operands(q, n).arrays()
     kernel = build_kernels()[1 if transpose else 0]
     out = jt.triton_call(
-        lhs, codes, scales, nested, offset, dmap, m, n, k, *table_scalars(q.quant_type),
+        *call_inputs(lhs, q),  # jax-triton passes the output pointer after these (triton_src)
         kernel=kernel,
         out_shape=jax.ShapeDtypeStruct((bs.split, m, out_cols), out_dtype),
         grid=grid, num_warps=bs.num_warps, num_stages=bs.num_stages,

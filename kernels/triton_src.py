@@ -9,6 +9,9 @@ Each step decodes a ``(BN, BK)`` tile of ``W`` from ``BN x BK/2`` bytes and
 values by a binary tree of 15 selects over the table passed as 16 scalars
 ``T0..T15`` (no per-weight memory reads, which Triton's pipeliner would stage
 through shared memory), scales decoded once per block and broadcast over it.
+
+Parameter order is jax-triton's calling convention: every input (arrays, then scalars) in the
+order ``triton_call`` gets them, then the output pointer, then the constexprs by name.
 """
 
 import triton
@@ -52,8 +55,8 @@ def _w_tile(codes_ptr, scales_ptr, nested_ptr, offset_ptr, dmap_ptr, n0, k0, K,
 
 
 @triton.jit
-def forward(x_ptr, codes_ptr, scales_ptr, nested_ptr, offset_ptr, dmap_ptr, out_ptr, M, N, K,
-            T0, T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11, T12, T13, T14, T15,
+def forward(x_ptr, codes_ptr, scales_ptr, nested_ptr, offset_ptr, dmap_ptr, M, N, K,
+            T0, T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11, T12, T13, T14, T15, out_ptr,
             STEPS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
             B: tl.constexpr, B2: tl.constexpr, DOUBLE: tl.constexpr, PRECISION: tl.constexpr):
     """``out[s, m-tile, n-tile] = sum over split s's k-tiles of x @ W.T``."""
@@ -73,8 +76,8 @@ def forward(x_ptr, codes_ptr, scales_ptr, nested_ptr, offset_ptr, dmap_ptr, out_
 
 
 @triton.jit
-def transposed(dy_ptr, codes_ptr, scales_ptr, nested_ptr, offset_ptr, dmap_ptr, out_ptr, M, N, K,
-               T0, T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11, T12, T13, T14, T15,
+def transposed(dy_ptr, codes_ptr, scales_ptr, nested_ptr, offset_ptr, dmap_ptr, M, N, K,
+               T0, T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11, T12, T13, T14, T15, out_ptr,
                STEPS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                B: tl.constexpr, B2: tl.constexpr, DOUBLE: tl.constexpr, PRECISION: tl.constexpr):
     """``out[s, m-tile, k-tile] = sum over split s's n-tiles of dy @ W``."""

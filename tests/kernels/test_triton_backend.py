@@ -61,3 +61,25 @@ def test_pallas_kernels_compile_for_sm90():
         assert row["cubin_bytes"] > 0 and row["shared"] <= HOPPER_SHARED_PER_BLOCK, row
         if "gather" not in row["kernel"]:  # the default lookup must not spill ("gather" at decode tiles does)
             assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
+
+
+def test_kernel_parameters_follow_jax_triton_calling_convention(rng):
+    """``jt.triton_call(*inputs, ...)`` passes the inputs in order and then the output pointer: the kernels'
+    runtime parameters must be exactly that (the H200 run caught ``out_ptr`` placed before the scalars)."""
+    pytest.importorskip("triton")
+    import inspect
+
+    import jax.numpy as jnp
+
+    import qlora_jax as qj
+    from qlora_jax.kernels import triton_src
+    from qlora_jax.kernels.triton_matmul import call_inputs
+
+    q = qj.quantize(jnp.asarray(rng.standard_normal((64, 256)).astype("float32")))
+    inputs = call_inputs(jnp.ones((3, 256), jnp.bfloat16), q)
+    for kernel in (triton_src.forward, triton_src.transposed):
+        params = inspect.signature(kernel.fn).parameters.values()
+        runtime = [p.name for p in params if "constexpr" not in str(p.annotation)]
+        assert len(runtime) == len(inputs) + 1 and runtime[-1] == "out_ptr", runtime
+        scalars = [p for p, x in zip(runtime, inputs) if not hasattr(x, "shape") or x.ndim == 0]
+        assert scalars == ["M", "N", "K", *[f"T{i}" for i in range(16)]]

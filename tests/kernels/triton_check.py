@@ -46,7 +46,7 @@ def interpret_cases():
         out = torch.zeros((bs.split, m, k if transpose else n), dtype=torch.float32)
         kernel = transposed if transpose else forward
         table = [float(v) for v in table_scalars(quant_type)]  # the interpreter takes Python floats as fp32
-        kernel[grid](torch.from_numpy(lhs), *ops, out, m, n, k, *table, PRECISION="ieee", **meta)
+        kernel[grid](torch.from_numpy(lhs), *ops, m, n, k, *table, out, PRECISION="ieee", **meta)
         wq = np.asarray(q.dequantize(jnp.dtype(dtype))).astype(np.float64)
         ref = lhs.astype(np.float64) @ (wq if transpose else wq.T)
         got = out.sum(0).numpy().astype(np.float64)
@@ -114,8 +114,8 @@ def compile_cases():
            "out": "*bf16"}
     for name, fn, lhs in (("forward", triton_src.forward, "x_ptr"), ("transposed", triton_src.transposed, "dy_ptr")):
         for bm, bn, bk, warps in ((16, 64, 256, 8), (128, 128, 64, 8)):
-            sig = {lhs: "*bf16"} | {f"{k}_ptr": v for k, v in ptr.items() if k != "x"} | {"M": "i32", "N": "i32", "K": "i32"}
-            sig |= {f"T{i}": "fp32" for i in range(16)}
+            sig = {lhs: "*bf16"} | {f"{k}_ptr": v for k, v in ptr.items() if k not in ("x", "out")}
+            sig |= {"M": "i32", "N": "i32", "K": "i32"} | {f"T{i}": "fp32" for i in range(16)} | {"out_ptr": ptr["out"]}
             consts = dict(STEPS=4, BM=bm, BN=bn, BK=bk, B=64, B2=256, DOUBLE=True, PRECISION="tf32")
             src = ASTSource(fn=fn, signature=sig | {c: "constexpr" for c in consts}, constexprs=consts)
             print(json.dumps(dict(kernel=f"{name} {bm}x{bn}x{bk}", warps=warps, **_compile(src, warps))))
