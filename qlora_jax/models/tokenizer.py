@@ -18,9 +18,11 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-GGUF_CONTROL = 3  # tokenizer.ggml.token_type of special/control tokens
+# tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
+GGUF_NORMAL, GGUF_UNKNOWN, GGUF_CONTROL, GGUF_USER_DEFINED, GGUF_UNUSED, GGUF_BYTE = 1, 2, 3, 4, 5, 6
+SPM_SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 
 
 @dataclasses.dataclass
@@ -83,10 +85,25 @@ def compiled_template(template: str):
 
 
 def tokenizer_from_gguf_fields(meta: Mapping[str, Any]) -> TextTokenizer:
-    """Builds the byte-level BPE tokenizer of a ``gpt2``-type GGUF (Llama 3, SmolLM2, Qwen2)."""
+    """The tokenizer of a GGUF file's ``tokenizer.ggml.*`` fields.
+
+    ``gpt2``: byte-level BPE (Llama 3, SmolLM2, Qwen2/3); ``llama``: SentencePiece BPE with byte
+    fallback (Llama 2, Mistral v0.1, Gemma 2/3, Phi-3), see ``sentencepiece_tokenizer``.
+    """
     kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ValueError(f"GGUF tokenizer.ggml.model={kind!r} is not supported (only byte-level BPE 'gpt2')")
+    if kind == "gpt2":
+        tk = byte_level_bpe_tokenizer(meta)
+    elif kind == "llama":
+        tk = sentencepiece_tokenizer(meta)
+    else:
+        raise ValueError(f"GGUF tokenizer.ggml.model={kind!r} is not supported ('gpt2' byte-level BPE or "
+                         "'llama' SentencePiece)")
+    return TextTokenizer(tk, meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id"),
+                         meta.get("tokenizer.chat_template"))
+
+
+def byte_level_bpe_tokenizer(meta: Mapping[str, Any]) -> Tokenizer:
+    """GPT-2 style byte-level BPE from ``tokens`` and ``merges``; control tokens are special."""
     tokens = list(meta["tokenizer.ggml.tokens"])
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
     tk = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
@@ -98,8 +115,63 @@ def tokenizer_from_gguf_fields(meta: Mapping[str, Any]) -> TextTokenizer:
     tk.decoder = decoders.ByteLevel()
     types = meta.get("tokenizer.ggml.token_type") or []
     tk.add_special_tokens([tokens[i] for i, t in enumerate(types) if t == GGUF_CONTROL])
-    return TextTokenizer(tk, meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id"),
-                         meta.get("tokenizer.chat_template"))
+    return tk
+
+
+def sentencepiece_merges(tokens: Sequence[str], scores: Sequence[float], types: Sequence[int]) -> list[tuple[str, str]]:
+    """BPE merges equivalent to SentencePiece's score-driven BPE, best first.
+
+    SentencePiece (and llama.cpp's ``llm_tokenizer_spm``) repeatedly joins the adjacent pair of
+    pieces whose concatenation is a normal vocabulary piece with the highest score. A merge table
+    ranked by that score does the same in ``tokenizers``' BPE: every split ``t = l + r`` of a normal
+    piece ``t`` into two normal pieces is a merge ``(l, r)`` of rank ``-score(t)``; ties go to the
+    lower token ids, as the vocabulary orders them.
+    """
+    normal = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == GGUF_NORMAL}
+    ranked = []
+    for t, i in normal.items():
+        for cut in range(1, len(t)):
+            left, right = t[:cut], t[cut:]
+            if left in normal and right in normal:
+                ranked.append((-scores[i], normal[left], normal[right], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def sentencepiece_tokenizer(meta: Mapping[str, Any]) -> Tokenizer:
+    """A SentencePiece BPE model (GGUF ``llama`` type) as a ``tokenizers.Tokenizer``.
+
+    As llama.cpp tokenizes it: spaces become ``▁``, one ``▁`` is prepended when
+    ``tokenizer.ggml.add_space_prefix`` (default true; Gemma's files say false), the pieces are
+    joined by ``sentencepiece_merges`` over the whole text (no split at spaces), and a character
+    no piece covers falls back to its UTF-8 bytes, the ``<0xXX>`` pieces. Control tokens are
+    special (matched whole, dropped by ``decode``), user-defined ones are matched whole and kept.
+    Decoding reverses it: ``▁`` to space, byte pieces fused back into UTF-8, the prefix space off.
+    """
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    n = len(tokens)
+    scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * n)
+    types = list(meta.get("tokenizer.ggml.token_type") or [GGUF_NORMAL] * n)
+    if len(scores) != n or len(types) != n:
+        raise ValueError(f"tokenizer.ggml.scores ({len(scores)}) and token_type ({len(types)}) must have one entry "
+                         f"per token ({n})")
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < n else None
+    vocab = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=sentencepiece_merges(tokens, scores, types), unk_token=unk,
+                              fuse_unk=True, byte_fallback=True))
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    steps = [normalizers.Prepend(SPM_SPACE)] if prefix else []
+    tk.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", SPM_SPACE)])
+    strip = [decoders.Strip(" ", 1, 0)] if prefix else []
+    tk.decoder = decoders.Sequence([decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
+    tk.add_tokens([AddedToken(tokens[i], normalized=False, special=False) for i in range(n)
+                   if types[i] == GGUF_USER_DEFINED])
+    tk.add_special_tokens([AddedToken(tokens[i], normalized=False, special=True) for i in range(n)
+                           if types[i] == GGUF_CONTROL])
+    return tk
 
 
 def save_tokenizer(tokenizer: TextTokenizer, folder: str | os.PathLike) -> None:
