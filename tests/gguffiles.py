@@ -4,7 +4,8 @@ Tensor names come from gguf-py's own map (``gguf.get_tensor_name_map``, the tabl
 ``convert_hf_to_gguf.py`` uses), not from ours. What the converter changes is done
 here as it does it: Gemma's norm weights are stored as ``1 + w``; a ``llama`` file's
 q/k rows are permuted for llama.cpp's rotary layout. Metadata: the architecture's
-sizes, rope base, and the family's extras (Gemma's soft-caps and window).
+sizes, rope base, and the family's extras (Gemma's soft-caps and window, Phi-3's LongRoPE factors,
+which llama.cpp stores as the tensors ``rope_factors_long`` / ``rope_factors_short``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,16 @@ def write_gguf(hf, path: str) -> str:
     if rope.get("rope_type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(rope["factor"])
+    if rope.get("rope_type") == "longrope":  # as convert_hf_to_gguf.py's Phi3MiniModel: factors as tensors
+        import math
+
+        original = c.original_max_position_embeddings
+        scale = c.max_position_embeddings / original
+        w.add_rope_scaling_attn_factors(1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(original)))
+        w.add_rope_scaling_orig_ctx_len(original)
+        for kind in ("long", "short"):
+            tensor = gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, f"ROPE_FACTORS_{kind.upper()}")]
+            w.add_tensor(f"{tensor}.weight", np.asarray(rope[f"{kind}_factor"], np.float32))
     for name, tensor in hf.state_dict().items():
         x = tensor.detach().float().numpy()
         base, suffix = name.rsplit(".", 1)

@@ -257,6 +257,9 @@ def hf_layer_types(cfg: Mapping[str, Any], num_layers: int) -> tuple[str, ...] |
     return tuple(names[t] for t in raw)
 
 
+ROPE_TENSOR_PREFIX = "tensor."  # metadata keys the GGUF loader adds for the rope tables stored as tensors
+
+
 def from_gguf_metadata(meta: Mapping[str, Any], tensor_names: set[str] | frozenset[str] = frozenset()) -> ModelConfig:
     """A ``ModelConfig`` from GGUF key/values (``general.architecture``, ``<arch>.*``).
 
@@ -327,12 +330,12 @@ def _positive(name: str, value: Any, integer: bool = False) -> None:
 
 
 def config_from_gguf(path: str | os.PathLike) -> ModelConfig:
-    """Reads a GGUF file's metadata (not its tensors) and builds the ``ModelConfig``."""
-    from qlora_jax.models.gguf_loader import open_gguf, scalar_metadata
+    """Reads a GGUF file's metadata (and its rope tables, not its weights) and builds the ``ModelConfig``."""
+    from qlora_jax.models.gguf_loader import gguf_metadata, open_gguf
 
     path = os.fspath(path)
     reader = open_gguf(path)
     try:
-        return from_gguf_metadata(scalar_metadata(reader), {t.name for t in reader.tensors})
+        return from_gguf_metadata(gguf_metadata(reader), {t.name for t in reader.tensors})
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None

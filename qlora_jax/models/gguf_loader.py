@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from qlora_jax.models.config import ModelConfig, from_gguf_metadata
+from qlora_jax.models.config import ROPE_TENSOR_PREFIX, ModelConfig, from_gguf_metadata
 from qlora_jax.models.family import Family, family_for_gguf
 from qlora_jax.models.llama import unpermute_rows
 from qlora_jax.models.tokenizer import TextTokenizer, tokenizer_from_gguf_fields
@@ -69,13 +69,24 @@ def scalar_metadata(reader) -> dict[str, Any]:
             if field.types and not (field.types[0] == GGUFValueType.ARRAY and key.startswith("tokenizer."))}
 
 
+def gguf_metadata(reader) -> dict[str, Any]:
+    """``scalar_metadata`` plus the small rope tables llama.cpp stores as tensors (Phi-3's LongRoPE
+    ``rope_factors_long`` / ``rope_factors_short``), as float tuples under ``"tensor.<name>"``, for the
+    family's ``parse_gguf``."""
+    meta = scalar_metadata(reader)
+    for t in reader.tensors:
+        if t.name in _SKIPPED:
+            meta[ROPE_TENSOR_PREFIX + t.name] = tuple(float(v) for v in np.asarray(t.data, np.float32).reshape(-1))
+    return meta
+
+
 class GGUFModel:
     """An open GGUF file: ``config``, ``tokenizer`` and a streaming ``tensors()``."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         self.reader = open_gguf(self.path)
-        self.meta: dict[str, Any] = scalar_metadata(self.reader)
+        self.meta: dict[str, Any] = gguf_metadata(self.reader)
         try:
             self.family = family_for_gguf(self.meta.get("general.architecture"))
             self.config: ModelConfig = from_gguf_metadata(self.meta, {t.name for t in self.reader.tensors})

@@ -19,7 +19,8 @@ from typing import Any
 import flax.linen as nn
 
 from qlora_jax.models.blocks import FULL, DecoderLayerBase, SelfAttention, norm, tiled_mlp
-from qlora_jax.models.config import ModelConfig, common_fields, gguf_common_fields, rope_parameters
+from qlora_jax.models.config import (ROPE_TENSOR_PREFIX, ModelConfig, common_fields, gguf_common_fields,
+                                     rope_parameters, rope_scaling_from)
 from qlora_jax.models.family import Family, LayerTensor
 
 TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -67,13 +68,34 @@ def parse_gguf(meta: Mapping[str, Any], tensor_names: frozenset[str]) -> ModelCo
     fields = gguf_common_fields(meta, tensor_names, model_type="phi3")
     # rope.dimension_count is the rotary part of a head here (Phi-4-mini: 96 of 128)
     fields["head_dim"] = int(meta.get("phi3.attention.key_length") or fields["hidden_size"] // fields["num_attention_heads"])
-    if "rope_factors_long.weight" in tensor_names:
-        raise ValueError("this phi3 GGUF is LongRoPE scaled (rope_factors_long.weight); its factors are tensors "
-                         "that the loader does not read yet: load the Hugging Face folder instead")
     rotary = int(meta.get("phi3.rope.dimension_count") or fields["head_dim"])
     window = meta.get("phi3.attention.sliding_window")
+    if "rope_factors_long.weight" in tensor_names:
+        fields["rope_scaling"] = gguf_longrope(meta, fields["max_position_embeddings"], rotary)
     return ModelConfig(**fields, partial_rotary_factor=rotary / fields["head_dim"],
                        sliding_window=int(window) if window else None)
+
+
+def gguf_longrope(meta: Mapping[str, Any], context: int, rotary: int):
+    """LongRoPE as llama.cpp's converter writes it: the short and long factors as the tensors
+    ``rope_factors_short`` / ``rope_factors_long`` (``rotary / 2`` each; the loader passes them as
+    ``tensor.*`` metadata), ``rope.scaling.original_context_length``, and ``rope.scaling.attn_factor``."""
+    factors = {}
+    for kind in ("short", "long"):
+        key = f"{ROPE_TENSOR_PREFIX}rope_factors_{kind}.weight"
+        if key not in meta:
+            raise ValueError(f"LongRoPE needs both rope_factors tensors; rope_factors_{kind}.weight is missing")
+        factors[f"{kind}_factor"] = meta[key]
+        if len(meta[key]) != rotary // 2:
+            raise ValueError(f"rope_factors_{kind}.weight has {len(meta[key])} values; rope.dimension_count "
+                             f"{rotary} needs {rotary // 2}")
+    original = meta.get("phi3.rope.scaling.original_context_length")
+    if not original:
+        raise ValueError("LongRoPE needs phi3.rope.scaling.original_context_length")
+    raw = {"rope_type": "longrope", **factors, "original_max_position_embeddings": int(original)}
+    if meta.get("phi3.rope.scaling.attn_factor") is not None:
+        raw["attention_factor"] = float(meta["phi3.rope.scaling.attn_factor"])
+    return rope_scaling_from(raw, {"max_position_embeddings": context})
 
 
 def hf_config(c: ModelConfig) -> dict[str, Any]:

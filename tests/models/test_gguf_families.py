@@ -16,8 +16,8 @@ from qlora_jax.models.loaders import from_pretrained
 pytestmark = pytest.mark.oracle
 
 # llama.cpp fixes what its GGUF cannot say: Gemma's query scale is head_dim^-1/2 (below 27B), Gemma 3's
-# pattern is five sliding layers to one full, its local rope base 10,000; LongRoPE factors are tensors
-# this loader does not read (it says so). The kinds here keep to what the file carries.
+# pattern is five sliding layers to one full, its local rope base 10,000; LongRoPE is tested on its own
+# below. The kinds here keep to what the file carries.
 KINDS = {
     "qwen3": {},
     "gemma2": {"query_pre_attn_scalar": 16},
@@ -49,25 +49,43 @@ def test_gguf_loads_with_transformers_logits(rng, tmp_path, kind):
     assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
-def test_longrope_gguf_says_what_it_cannot_read(tmp_path):
+def test_longrope_gguf_loads_with_transformers_logits(rng, tmp_path):
+    """Phi-3's LongRoPE from a GGUF: its factors are tensors there (rope_factors_long / _short), with the
+    original context and attention factor in the metadata; 40 tokens pass the original 16, so the
+    long factors are in use."""
+    import torch
+
     hf = hf_model("phi3")
-    path = str(tmp_path / "phi3.gguf")
-    write_gguf(hf, path)
+    path = write_gguf(hf, str(tmp_path / "phi3-longrope.gguf"))
+    want, got = from_hf_config(hf.config.to_dict()), config_from_gguf(path)
+    assert got.rope_scaling.rope_type == "longrope"
+    for field in ("short_factor", "long_factor", "factor", "attention_factor"):
+        np.testing.assert_allclose(getattr(got.rope_scaling, field), getattr(want.rope_scaling, field), rtol=1e-6)
+    assert got.rope_scaling.original_max_position_embeddings == want.rope_scaling.original_max_position_embeddings
+    model, v, _ = from_pretrained(path, quantization=None, dtype=jnp.float32, base_dtype=jnp.float32)
+    tokens = rng.integers(0, 256, (2, 40))
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(tokens)).logits.numpy()
+    ours = np.asarray(model.apply(v, jnp.asarray(tokens)))
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_longrope_gguf_without_its_short_factors_says_so(tmp_path):
     import gguf
 
-    # what llama.cpp adds for LongRoPE: the factors as tensors
-    reader_path = str(tmp_path / "phi3-longrope.gguf")
-    w = gguf.GGUFWriter(reader_path, "phi3")
+    path = write_gguf(hf_model("phi3"), str(tmp_path / "phi3.gguf"))
+    cut = str(tmp_path / "phi3-cut.gguf")
+    w = gguf.GGUFWriter(cut, "phi3")
     r = gguf.GGUFReader(path)
     for key, field in r.fields.items():
         if key.startswith("phi3."):
             w.add_key_value(key, field.contents(), field.types[0])
     for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data))
-    w.add_tensor("rope_factors_long.weight", np.ones(6, np.float32))
+        if t.name != "rope_factors_short.weight":
+            w.add_tensor(t.name, np.asarray(t.data))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(ValueError, match=reader_path + ".*LongRoPE.*load the Hugging Face folder"):
-        from_pretrained(reader_path)
+    with pytest.raises(ValueError, match=cut + ".*rope_factors_short.weight is missing"):
+        from_pretrained(cut)
