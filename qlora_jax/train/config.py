@@ -145,6 +145,8 @@ class LoraSection(_Section):
     dropout: float = _f(0.05, "dropout on the LoRA input, in [0, 1)")
     targets: tuple[str, ...] = _f(ALL_TARGETS, "comma-separated projections that get LoRA")
     use_rslora: bool = _f(False, "rank-stabilized scaling alpha/sqrt(r)")
+    use_dora: bool = _f(False, "DoRA (weight-decomposed LoRA, peft's use_dora): a trainable magnitude per output "
+                        "of each adapted projection")
 
     def _check(self):
         if self.rank < 0:
@@ -160,10 +162,12 @@ class LoraSection(_Section):
             self._fail("targets", f"has {unknown}, not projections; choose from {known_targets()}")
         if len(set(self.targets)) != len(self.targets):
             self._fail("targets", "names a projection twice")
+        if self.use_dora and self.rank == 0:
+            self._fail("use_dora", "needs lora.rank >= 1 (DoRA adapts through LoRA's A and B)")
 
     def to_lora_config(self) -> LoraConfig:
         return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
-                          use_rslora=self.use_rslora, targets=self.targets)
+                          use_rslora=self.use_rslora, targets=self.targets, use_dora=self.use_dora)
 
 
 @dataclasses.dataclass(frozen=True)
