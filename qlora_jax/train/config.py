@@ -54,6 +54,7 @@ OPTIM_HELP = {  # OptimizerConfig's fields, which carry no metadata of their own
     "state_bits": "bits per optimizer moment: 32, or 8 (blockwise, as bitsandbytes' 8-bit AdamW)",
     "offload": "keep the optimizer state in host memory between steps",
     "offload_per_layer": "update the offloaded state one layer at a time (needs offload)",
+    "lora_plus_ratio": "LoRA+: learning rate of LoRA's B over that of A (its paper suggests 16); 1: plain AdamW",
 }
 _EXTRA = {f"optim.{k}": {"help": v, "choices": {"schedule": SCHEDULES, "state_bits": STATE_BITS}.get(k)}
           for k, v in OPTIM_HELP.items()}
