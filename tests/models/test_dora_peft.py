@@ -154,7 +154,7 @@ def test_peft_loads_our_dora_adapter_with_our_logits_and_gradients(rng, bnb_fold
         out = model.apply(merge(p, frozen), jnp.asarray(tokens))
         return _ce(out, jnp.asarray(targets)), out
 
-    (value, ours_logits), grads = jax.value_and_grad(our_loss, has_aux=True)(params)
+    (value, ours_logits), grads = jax.jit(jax.value_and_grad(our_loss, has_aux=True))(params)
     assert_trees_close(ours_logits, logits.detach().numpy(), reorder_rtol(N_FWD))
     assert abs(float(value) - loss.item()) <= reorder_rtol(N_FWD) * loss.item()
     assert_trees_close(grads, _torch_tree(theirs, params, "grad"), reorder_rtol(N_BWD))
@@ -181,7 +181,7 @@ def test_we_load_peft_dora_adapter(rng, bnb_folder, tmp_path):
     tokens = rng.integers(0, VOCAB, (B, T))
     with torch.no_grad():
         ref = theirs(torch.from_numpy(tokens)).logits.numpy()
-    ours = model.apply(merge(params, split_trainable(v)[1]), jnp.asarray(tokens))
+    ours = jax.jit(model.apply)(merge(params, split_trainable(v)[1]), jnp.asarray(tokens))
     assert_trees_close(ours, ref, reorder_rtol(N_FWD))
 
 
@@ -240,4 +240,4 @@ def test_merged_dora_export_loads_in_transformers(rng, bnb_folder, tmp_path):
     tokens = rng.integers(0, VOCAB, (B, T))
     with torch.no_grad():
         ref = merged(torch.from_numpy(tokens)).logits.numpy()
-    assert_trees_close(model.apply(v, jnp.asarray(tokens)), ref, reorder_rtol(N_FWD))
+    assert_trees_close(jax.jit(model.apply)(v, jnp.asarray(tokens)), ref, reorder_rtol(N_FWD))
