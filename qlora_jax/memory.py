@@ -12,7 +12,8 @@ against ``jax.eval_shape`` of the loader and the optimizer):
   double quantization also ``ceil(nb / 256)`` float32 nested scales and one float32 offset.
 * Unquantized: embeddings, ``lm_head`` (untied) and q/k/v biases in ``base_dtype``; RMSNorm
   weights in float32 (as the loaders keep them); projections in ``base_dtype`` when ``quant=None``.
-* LoRA on a targeted ``(out, in)``: ``r * (in + out)`` float32 weights.
+* LoRA on a targeted ``(out, in)``: ``r * (in + out)`` float32 weights, plus ``out`` for DoRA's
+  magnitude (``lora.use_dora``).
 * AdamW state of a LoRA tensor of ``n`` elements: ``"fp32"`` 8n; ``"8bit"`` ``2 * (n + 4 * ceil(n / 256))``
   if ``n >= 4096``, else 8n (``qlora_jax.optim.adamw8bit``); plus ``STEP_COUNTER_BYTES`` for the
   trainer's chain. ``offload``: the state lives on the host between steps.
@@ -292,7 +293,8 @@ def state_bytes(config: LlamaConfig, *, lora: LoraConfig = LoraConfig(), quant: 
         proj = tensor.kind == "proj"
         path = tree_path(name, tensor.kind)[0]
         if proj and path[-2] in targets:
-            for factor, n in (("a", shape[1] * lora.rank), ("b", lora.rank * shape[0])):  # A (in, r), B (r, out)
+            factors = (("a", shape[1] * lora.rank), ("b", lora.rank * shape[0]))  # A (in, r), B (r, out)
+            for factor, n in factors + ((("m", shape[0]),) if lora.use_dora else ()):  # DoRA's magnitude (out,)
                 key = (*path[:-1], factor)
                 lora_sizes[key] = lora_sizes.get(key, 0) + n
         if proj and quant is not None:
@@ -475,6 +477,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=64, help="LoRA rank (0: no LoRA)")
     ap.add_argument("--targets", default="all", help="'all' or comma-separated projections, e.g. q_proj,v_proj")
     ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (> 0 also saves the dropped inputs)")
+    ap.add_argument("--dora", action="store_true", help="DoRA: a trainable magnitude per adapted output")
     ap.add_argument("--quant", default="nf4", help="nf4, fp4, int4, or none (a float base in --base-dtype)")
     ap.add_argument("--blocksize", type=int, default=64, help="weights per 4-bit block scale")
     ap.add_argument("--no-double-quant", action="store_true", help="float32 block scales instead of 8-bit ones")
@@ -496,7 +499,7 @@ def main(argv=None) -> int:
     try:
         config = resolve_model(args.model)
         quant = None if args.quant == "none" else QuantConfig(args.quant, args.blocksize, not args.no_double_quant)
-        lora = LoraConfig(rank=args.rank, dropout=args.dropout, targets=_targets(args.targets))
+        lora = LoraConfig(rank=args.rank, dropout=args.dropout, targets=_targets(args.targets), use_dora=args.dora)
         kw = dict(batch=args.batch, lora=lora, quant=quant, optimizer=args.optimizer, offload=args.offload,
                   remat=args.remat, compute_dtype=args.compute_dtype, base_dtype=args.base_dtype,
                   attention=args.attention, loss_chunk=args.loss_chunk, platform=args.platform,
@@ -514,7 +517,7 @@ def main(argv=None) -> int:
     fmt = "float base" if quant is None else quant.quant_type + (" + double quant" if quant.double_quant else "")
     shape = f"batch {args.batch}" if budgets else f"batch {args.batch} x {args.seq_len} tokens"
     title = (f"{args.model}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}; "
-             f"{shape}; LoRA r={args.rank} on {len(lora_targets(c, lora))} projections; "
+             f"{shape}; {'DoRA' if args.dora else 'LoRA'} r={args.rank} on {len(lora_targets(c, lora))} projections; "
              f"{fmt}; {args.optimizer} AdamW{' (offloaded)' if args.offload else ''}; remat {args.remat}; "
              f"{f'MLP tiles of {args.mlp_tile}; ' if args.mlp_tile else ''}"
              f"{args.compute_dtype} compute; attention {args.attention} for {args.platform}; planned by XLA on "

@@ -27,6 +27,7 @@ from qlora_jax import memory
 from qlora_jax.layers import QuantConfig, split_trainable
 from qlora_jax.memory import GIB, MIB
 from qlora_jax.models import LoraConfig, from_hf_config
+from qlora_jax.models.weights import expected_shapes
 from qlora_jax.optim import OptimizerConfig, make_optimizer
 from qlora_jax.quant import QuantizedArray
 from tinymodel import CONFIG, write_tiny_model
@@ -92,6 +93,28 @@ def test_tiny_model_bytes_equal_live_arrays(tmp_path, rng, rank):
     if rank == 32:  # the 8-bit state really is smaller here
         states = [memory.state_bytes(TINY, lora=lora, optimizer=o).optimizer_state for o in ("8bit", "fp32")]
         assert states[0] < states[1]
+
+
+def test_dora_magnitudes_are_counted_exactly(tmp_path, rng):
+    """DoRA adds one (L, out) magnitude per adapted projection: its bytes, its AdamW state (8-bit from 4096 elements)."""
+    folder = write_tiny_model(str(tmp_path / "tiny"), seed=int(rng.integers(2**31)))
+    lora, plain = LoraConfig(rank=8, use_dora=True), LoraConfig(rank=8)
+    _, variables, _ = qlora_jax.from_pretrained(folder, quantization=QuantConfig(), lora=lora, dtype=jnp.float32)
+    params, frozen = split_trainable(variables)
+    for optimizer, bits in (("fp32", 32), ("8bit", 8)):
+        p = memory.state_bytes(TINY, lora=lora, optimizer=optimizer)
+        check_exact(p, params, frozen)
+        state = make_optimizer(OptimizerConfig(state_bits=bits), 10, skip_nonfinite=True).init(params)
+        assert nbytes(state) == p.optimizer_state, optimizer
+    extra = p.lora_count - memory.state_bytes(TINY, lora=plain).lora_count
+    assert extra == sum(s[0] for n, s in expected_shapes(TINY).items() if n.endswith("_proj.weight"))  # every out
+    # Llama-2-7B shapes through the loader's abstract arrays: (32, 11008) magnitudes reach 8-bit state
+    config, big = memory.PRESETS["llama-2-7b"], LoraConfig(rank=64, use_dora=True)
+    p = memory.state_bytes(config, lora=big, optimizer="8bit")
+    params, frozen = split_trainable(memory.abstract_variables(config, big))
+    check_exact(p, params, frozen)
+    state = jax.eval_shape(make_optimizer(OptimizerConfig(state_bits=8), 10, skip_nonfinite=True).init, params)
+    assert nbytes(state) == p.optimizer_state
 
 
 def test_smollm2_gguf_bytes_equal_loader():

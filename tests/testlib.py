@@ -165,3 +165,24 @@ def overhanging_pallas_blocks(fn, *args) -> list[str]:
 
     walk(jax.make_jaxpr(fn)(*args).jaxpr)
     return found
+
+
+def fixed_mask(seed: int, shape, rate: float):
+    """A known inverted-dropout multiplier (0 or ``1 / (1 - rate)``), to stand in for a random mask."""
+    keep = jax.random.bernoulli(jax.random.key(seed), 1.0 - rate, shape)
+    return keep.astype(jnp.float32) / (1.0 - rate)
+
+
+def fixed_mask_layer(layer, seed: int):
+    """``layer`` (a ``QLoRADense``) whose dropout multiplies by ``fixed_mask(seed, x.shape, layer.dropout)``."""
+    import dataclasses
+
+    from qlora_jax.layers import QLoRADense
+
+    class FixedMask(QLoRADense):
+        def _dropout(self, x):
+            return x * fixed_mask(seed, x.shape, self.dropout)
+
+    fields = {f.name: getattr(layer, f.name) for f in dataclasses.fields(QLoRADense)
+              if f.init and f.name not in ("parent", "name")}
+    return FixedMask(**fields)

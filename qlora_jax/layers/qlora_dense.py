@@ -20,6 +20,14 @@ Init follows PEFT: ``A ~ U(-1/sqrt(in), 1/sqrt(in))`` (kaiming-uniform with
 a = sqrt(5)), ``B = 0``, so a fresh adapter leaves the output unchanged. A fresh
 base (no loaded weights) is initialised like ``torch.nn.Linear`` and quantized.
 
+``use_dora``: DoRA as peft computes it (``qlora_jax.layers.dora``): a third trainable leaf,
+the magnitude ``lora_magnitude`` ``(out,)`` (initialised to the base's row norms), and
+
+    y = x @ W.T [+ bias] + (g - 1) * (h @ W.T) + g * s * h @ A @ B,    g = m / ||W + s (A B)^T||_row
+
+with ``h = dropout(x)`` (``h @ W.T`` is ``x @ W.T`` itself when no dropout is active); the
+row norm is computed from the 4-bit base in chunks and gets no gradient.
+
 Three dtypes: ``dtype`` for compute (bf16), ``param_dtype`` for LoRA (fp32), and
 the fixed storage of the base (uint8 codes, or ``base_dtype`` when unquantized).
 """
@@ -35,6 +43,7 @@ import jax.numpy as jnp
 
 from qlora_jax.kernels import BACKENDS, quantized_matmul
 from qlora_jax.kernels.schedule import tie_to
+from qlora_jax.layers.dora import dora_delta, weight_norm
 from qlora_jax.layers.lora_product import lora_product
 from qlora_jax.quant import QuantizedArray, quantize
 from qlora_jax.quant.api import check_blocksize
@@ -69,6 +78,7 @@ class QLoRADense(nn.Module):
     alpha: float = 16.0
     dropout: float = 0.0
     use_rslora: bool = False
+    use_dora: bool = False
     use_bias: bool = False
     quant: QuantConfig | None = QuantConfig()
     dtype: jnp.dtype = jnp.bfloat16
@@ -102,11 +112,8 @@ class QLoRADense(nn.Module):
         if tuple(kernel.shape) != shape:
             raise ValueError(f"{self.name}: kernel has shape {tuple(kernel.shape)}, expected (out, in)={shape}")
         x = x.astype(self.dtype)
-        if isinstance(kernel, QuantizedArray):
-            y = quantized_matmul(x, kernel, self.backend)
-        else:
-            w = jax.lax.stop_gradient(kernel).astype(self.dtype)
-            y = jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32).astype(self.dtype)
+        y0 = self._base(x, kernel)
+        y = y0
         if self.use_bias:
             bias = self.variable(FROZEN, "bias", lambda: jnp.zeros((self.features,), self.base_dtype)).value
             y = y + jax.lax.stop_gradient(bias).astype(self.dtype)
@@ -115,14 +122,32 @@ class QLoRADense(nn.Module):
         bound = 1.0 / math.sqrt(in_features)
         a = self.param("lora_a", _symmetric_uniform(bound), (in_features, self.rank), self.param_dtype)
         b = self.param("lora_b", nn.initializers.zeros, (self.rank, self.features), self.param_dtype)
-        h = x
-        if self.dropout > 0 and not deterministic:
-            # the key tied to x: a rematerialized layer's recomputation then draws its mask from the
-            # recomputed input, so XLA cannot merge it with the forward's draw and keep that
-            # (T, in) mask alive from the forward to the backward, in every layer
-            rng = tie_to(self.make_rng("dropout"), x)
-            h = nn.Dropout(rate=self.dropout)(x, deterministic=False, rng=rng)
-        return y + lora_product(h, a.astype(self.dtype), b.astype(self.dtype), self.scaling)
+        dropped = self.dropout > 0 and not deterministic
+        h = self._dropout(x) if dropped else x
+        lora = lora_product(h, a.astype(self.dtype), b.astype(self.dtype), self.scaling)
+        if not self.use_dora:
+            return y + lora
+        magnitude = self.param("lora_magnitude", lambda _: weight_norm(kernel).astype(self.param_dtype))
+        if tuple(magnitude.shape) != (self.features,):
+            raise ValueError(f"{self.name}: lora_magnitude has shape {tuple(magnitude.shape)}, expected (out,)="
+                             f"{(self.features,)}")
+        norm = weight_norm(kernel, a, b, self.scaling)
+        return y + dora_delta(y0, self._base(h, kernel) if dropped else None, lora, magnitude, norm)
+
+    def _dropout(self, x):
+        """LoRA's input dropout, while training."""
+        # the key tied to x: a rematerialized layer's recomputation then draws its mask from the
+        # recomputed input, so XLA cannot merge it with the forward's draw and keep that
+        # (T, in) mask alive from the forward to the backward, in every layer
+        rng = tie_to(self.make_rng("dropout"), x)
+        return nn.Dropout(rate=self.dropout)(x, deterministic=False, rng=rng)
+
+    def _base(self, x, kernel):
+        """``x @ W.T`` in the compute dtype; ``W`` gets no gradient."""
+        if isinstance(kernel, QuantizedArray):
+            return quantized_matmul(x, kernel, self.backend)
+        w = jax.lax.stop_gradient(kernel).astype(self.dtype)
+        return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32).astype(self.dtype)
 
     def _init_base(self, shape):
         w = torch_linear_init(self.make_rng("params"), shape)

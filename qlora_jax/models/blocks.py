@@ -41,6 +41,8 @@ class LoraConfig:
 
     ``targets`` are projection names; each family maps them to its own
     (``Family.resolve_targets``: the Llama names stand for Phi-3's fused projections).
+    ``use_dora``: DoRA (peft's ``use_dora=True``), a trainable magnitude per output of each
+    adapted projection (``qlora_jax.layers.dora``).
     """
 
     rank: int = 16
@@ -48,6 +50,7 @@ class LoraConfig:
     dropout: float = 0.0
     use_rslora: bool = False
     targets: tuple[str, ...] = LLAMA_TARGETS
+    use_dora: bool = False
 
     def __post_init__(self):
         from qlora_jax.models.family import known_targets
@@ -57,6 +60,8 @@ class LoraConfig:
             raise ValueError(f"lora targets {unknown} are not projections; choose from {known_targets()}")
         if self.rank < 0:
             raise ValueError(f"lora rank={self.rank} must be >= 0")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"lora use_dora={self.use_dora!r} must be a bool")
 
 
 class RMSNorm(nn.Module):
@@ -113,8 +118,8 @@ class Sublayer(nn.Module):
         lora = self.lora
         rank = lora.rank if name in lora_targets(self.config, lora) else 0
         return QLoRADense(features=features, rank=rank, alpha=lora.alpha, dropout=lora.dropout,
-                          use_rslora=lora.use_rslora, use_bias=bias, quant=self.quant, dtype=self.dtype,
-                          backend=self.backend, name=name)
+                          use_rslora=lora.use_rslora, use_dora=lora.use_dora, use_bias=bias, quant=self.quant,
+                          dtype=self.dtype, backend=self.backend, name=name)
 
 
 class SelfAttention(Sublayer):

@@ -4,10 +4,12 @@ PEFT (``adapter_config.json`` + ``adapter_model.safetensors``): for each
 targeted projection, ``base_model.model.model.layers.{i}.{module}.lora_A.weight``
 (``{module}`` is its path in the layer, ``self_attn.q_proj`` or ``mlp.gate_up_proj``)
 is our ``A.T`` ``(r, in)`` and ``...lora_B.weight`` is ``B.T`` ``(out, r)``; the
-scale ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``) is PEFT's.
+scale ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``) is PEFT's. With DoRA
+(``use_dora: true`` in the config) ``...lora_magnitude_vector`` is our magnitude ``(out,)``.
 
 Merged: a Hugging Face folder (``config.json`` + ``model.safetensors``) whose
-projections hold ``dequant(W) + s * (A @ B).T``, loadable by transformers.
+projections hold ``W' = dequant(W) + s * (A @ B).T``, loadable by transformers; with DoRA
+``W' = (m / ||W + s (A B)^T||_row)[:, None] * (W + s (A B)^T)``, as PEFT merges it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ from qlora_jax.models.family import family_of, known_targets
 from qlora_jax.models.stacking import LAYERS, check_stacked, layer_slice, num_stacked
 from qlora_jax.quant import QuantizedArray, dequantize, quantize
 
-_PEFT_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.([\w.]+)\.lora_([AB])\.weight$")
+_PEFT_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.([\w.]+)\."
+                       r"(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)$")
+_LEAVES = {"lora_A.weight": "lora_a", "lora_B.weight": "lora_b", "lora_magnitude_vector": "lora_magnitude",
+           "lora_magnitude_vector.weight": "lora_magnitude"}
+MAGNITUDE = "lora_magnitude"  # DoRA's magnitude leaf, beside lora_a and lora_b
 
 
 def _lora_paths(tree: dict[str, Any], prefix: tuple[str, ...] = ()):
@@ -46,7 +52,7 @@ def _get(tree: dict, path: tuple[str, ...]):
 
 
 def _lora_modules(params: dict[str, Any]):
-    """Yields ``(layer_index, module path, A (in, r), B (r, out))`` in layer order, from the stacked tree."""
+    """Yields ``(layer_index, module path, A (in, r), B (r, out), DoRA magnitude (out,) or None)`` in layer order."""
     check_stacked(params, "the LoRA params")
     layers = params.get(LAYERS, {})
     if not layers:
@@ -55,7 +61,7 @@ def _lora_modules(params: dict[str, Any]):
     for i in range(num_stacked(layers)):
         for path in paths:
             ab = _get(layers, path)
-            yield i, path, ab["lora_a"][i], ab["lora_b"][i]
+            yield i, path, ab["lora_a"][i], ab["lora_b"][i], ab[MAGNITUDE][i] if MAGNITUDE in ab else None
 
 
 def save_peft_adapter(folder: str | os.PathLike, params: dict[str, Any], lora: LoraConfig,
@@ -67,16 +73,22 @@ def save_peft_adapter(folder: str | os.PathLike, params: dict[str, Any], lora: L
     os.makedirs(folder, exist_ok=True)
     tensors = {}
     targets = set()
-    for i, path, a, b in _lora_modules(params):
+    for i, path, a, b, m in _lora_modules(params):
         base = f"base_model.model.model.layers.{i}.{'.'.join(path)}"
+        if (m is not None) != lora.use_dora:
+            raise ValueError(f"lora.use_dora={lora.use_dora} but {'.'.join(path)} "
+                             f"{'has' if m is not None else 'has no'} DoRA magnitude ({MAGNITUDE})")
         tensors[f"{base}.lora_A.weight"] = np.ascontiguousarray(np.asarray(a, np.float32).T)
         tensors[f"{base}.lora_B.weight"] = np.ascontiguousarray(np.asarray(b, np.float32).T)
+        if m is not None:
+            tensors[f"{base}.lora_magnitude_vector"] = np.asarray(m, np.float32)
         targets.add(path[-1])
     if not tensors:
         raise ValueError("no LoRA parameters to export (rank 0 or no targets)")
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
-        "lora_dropout": lora.dropout, "use_rslora": lora.use_rslora, "target_modules": sorted(targets),
+        "lora_dropout": lora.dropout, "use_rslora": lora.use_rslora, "use_dora": lora.use_dora,
+        "target_modules": sorted(targets),
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
         "modules_to_save": None, "base_model_name_or_path": base_model_name_or_path,
     }
@@ -91,7 +103,8 @@ def load_peft_adapter(folder: str | os.PathLike, param_dtype=jnp.float32,
 
     ``num_layers`` is the model's depth (default: the highest layer in the file, plus one).
     A layer the adapter leaves out (PEFT's ``layers_to_transform``) gets ``A = B = 0``,
-    which adds nothing, as PEFT's missing adapter does.
+    which adds nothing, as PEFT's missing adapter does; a DoRA adapter (``use_dora``) must cover
+    every layer, since the magnitude that leaves a layer unchanged is its base's row norms.
     """
     from safetensors.numpy import load_file
 
@@ -109,7 +122,7 @@ def load_peft_adapter(folder: str | os.PathLike, param_dtype=jnp.float32,
         raise ValueError(f"{cfg_path}: target_modules {unknown} are not projections of a supported family "
                          f"{known_targets()}")
     lora = LoraConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)),
-                      use_rslora=bool(cfg.get("use_rslora", False)),
+                      use_rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)),
                       targets=tuple(t for t in known_targets() if t in targets))
     per_layer: dict[tuple[str, ...], dict[int, Any]] = {}
     weights = os.path.join(folder, "adapter_model.safetensors")
@@ -118,10 +131,12 @@ def load_peft_adapter(folder: str | os.PathLike, param_dtype=jnp.float32,
         if not m or m.group(2).split(".")[-1] not in targets:
             raise ValueError(f"{weights}: adapter tensor {key!r} is not the LoRA weight of a decoder-layer "
                              f"projection among target_modules {targets}")
-        i, module, ab = m.groups()
-        if value.shape[0 if ab == "A" else 1] != lora.rank:
+        i, module, leaf = m.group(1), m.group(2), _LEAVES[m.group(3)]
+        if leaf == MAGNITUDE and not lora.use_dora:
+            raise ValueError(f"{weights}: {key} is a DoRA magnitude but {cfg_path} does not set use_dora")
+        if leaf != MAGNITUDE and value.shape[0 if leaf == "lora_a" else 1] != lora.rank:
             raise ValueError(f"{key} has shape {value.shape}, inconsistent with r={lora.rank}")
-        per_layer.setdefault((*module.split("."), "lora_a" if ab == "A" else "lora_b"), {})[int(i)] = value.T
+        per_layer.setdefault((*module.split("."), leaf), {})[int(i)] = value.T
     if not per_layer:
         raise ValueError(f"{weights} holds no LoRA weights")
     deepest = max(i for layers in per_layer.values() for i in layers) + 1
@@ -142,10 +157,14 @@ def load_peft_adapter(folder: str | os.PathLike, param_dtype=jnp.float32,
         for part in module:
             node = node.setdefault(part, {})
         node[leaf] = jnp.asarray(stack, param_dtype)
-    for (*module, leaf) in per_layer:
-        other = "lora_b" if leaf == "lora_a" else "lora_a"
-        if other not in _get(params[LAYERS], tuple(module)):
-            raise ValueError(f"{weights}: {'.'.join(module)} has {leaf} weights but no {other}")
+    for (*module, leaf), layers in per_layer.items():
+        have = _get(params[LAYERS], tuple(module))
+        for other in ("lora_a", "lora_b", MAGNITUDE) if lora.use_dora else ("lora_a", "lora_b"):
+            if other not in have:
+                raise ValueError(f"{weights}: {'.'.join(module)} has {leaf} weights but no {other}")
+        if lora.use_dora and len(layers) != depth:
+            raise ValueError(f"{weights}: the DoRA adapter of {'.'.join(module)} leaves out layers "
+                             f"{sorted(set(range(depth)) - set(layers))}; DoRA needs every layer")
     return params, lora
 
 
@@ -214,6 +233,8 @@ def merged_tensors(variables: dict[str, Any], lora: LoraConfig) -> dict[str, np.
                 ab = None
             if ab is not None:
                 w = w + scale * (np.asarray(ab["lora_a"], np.float32) @ np.asarray(ab["lora_b"], np.float32)).T
+                if lora.use_dora:  # PEFT's DoRA merge: each row rescaled to its magnitude
+                    w = (np.asarray(ab[MAGNITUDE], np.float32) / np.sqrt(np.sum(w * w, axis=1)))[:, None] * w
             out[f"{name}.weight"] = w
             if "bias" in leaves:
                 out[f"{name}.bias"] = _f32(leaves["bias"])

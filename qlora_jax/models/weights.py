@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax.layers import FROZEN, QuantConfig
+from qlora_jax.layers.dora import stacked_weight_norms
 from qlora_jax.models.blocks import LoraConfig, lora_targets
 from qlora_jax.models.config import ModelConfig
 from qlora_jax.models.family import LayerTensor, family_of
@@ -113,16 +114,21 @@ def variables_from_tensors(
         raise ValueError(f"{len(missing)} tensors missing from the checkpoint, e.g. {missing[:5]}")
     for path, stack in layers.items():
         _set(frozen, (LAYERS, *path), stack)
-    params = init_lora(config, lora, jax.random.key(0) if key is None else key, param_dtype)
+    params = init_lora(config, lora, jax.random.key(0) if key is None else key, param_dtype, frozen)
     return {"params": params, FROZEN: frozen}
 
 
-def init_lora(config: ModelConfig, lora: LoraConfig, key: jax.Array, param_dtype=jnp.float32) -> dict[str, Any]:
+def init_lora(config: ModelConfig, lora: LoraConfig, key: jax.Array, param_dtype=jnp.float32,
+              frozen: dict[str, Any] | None = None) -> dict[str, Any]:
     """PEFT's init for every targeted projection: ``A ~ U(+-1/sqrt(in))`` ``(in, r)``, ``B = 0`` ``(r, out)``.
 
     Stacked over the layers (``(L, in, r)`` and ``(L, r, out)``); layer ``i``'s ``A`` is
-    drawn from the ``k``-th split of ``key`` in HF tensor order, as it always was.
+    drawn from the ``k``-th split of ``key`` in HF tensor order, as it always was. With
+    ``lora.use_dora`` each projection also gets PEFT's DoRA magnitude ``lora_magnitude``
+    ``(L, out)``: the row norms of the base ``kernel`` in ``frozen`` (which DoRA then needs).
     """
+    if lora.use_dora and lora.rank and frozen is None:
+        raise ValueError("init_lora: lora.use_dora needs the frozen base weights (frozen=) for DoRA's magnitudes")
     per_layer: dict[tuple[str, ...], list] = {}
     targets = lora_targets(config, lora)
     if not targets:
@@ -142,6 +148,12 @@ def init_lora(config: ModelConfig, lora: LoraConfig, key: jax.Array, param_dtype
     params: dict[str, Any] = {}
     for path, leaves in per_layer.items():
         _set(params, (LAYERS, *path), jnp.stack(leaves))
+        if lora.use_dora and path[-1] == "lora_b":
+            kernel = frozen[LAYERS]
+            for part in path[:-1]:
+                kernel = kernel[part]
+            _set(params, (LAYERS, *path[:-1], "lora_magnitude"),
+                 stacked_weight_norms(kernel["kernel"]).astype(param_dtype))
     return params
 
 

@@ -5,16 +5,24 @@ weight decay 0, a constant schedule with 3% linear warmup. Every piece is a
 field of ``OptimizerConfig``; ``make_optimizer(config, total_steps)`` builds
 
     chain(clip_by_global_norm(max_grad_norm),          # on the device: it needs every leaf
-          offload_to_host(adamw(schedule, ...)))       # state in host memory if config.offload
+          offload_to_host(adamw(schedule, ...)),       # state in host memory if config.offload
+          scale_lora_b(lora_plus_ratio))               # LoRA+, only when the ratio is not 1
 
 It is meant for the LoRA parameters alone (the ``"params"`` collection); the
 frozen base never reaches the optimizer.
+
+LoRA+ (arXiv 2402.12354): ``B`` learns ``lora_plus_ratio`` times faster than ``A``. AdamW's
+update of a leaf is ``-lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p)``, linear in ``lr``,
+so multiplying the updates of every ``lora_b`` leaf by the ratio is AdamW with ``lr_B = ratio *
+lr`` for them (decay included), as LoRA+'s parameter groups set it. The ratio is stateless: it
+adds no optimizer state.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import optax
 
 from qlora_jax.optim.adamw8bit import adamw_8bit
@@ -40,6 +48,7 @@ class OptimizerConfig:
     state_bits: int = 32  # 8: blockwise 8-bit moments (bitsandbytes' 8-bit AdamW)
     offload: bool = False  # keep the optimizer state in host memory between steps
     offload_per_layer: bool = False  # update the offloaded state one layer at a time
+    lora_plus_ratio: float = 1.0  # LoRA+: learning rate of every lora_b leaf over the others' (1: plain AdamW)
 
     def __post_init__(self):
         if not self.learning_rate > 0:
@@ -58,6 +67,8 @@ class OptimizerConfig:
             raise ValueError(f"state_bits={self.state_bits} must be one of {STATE_BITS}")
         if self.offload_per_layer and not self.offload:
             raise ValueError("offload_per_layer=True needs offload=True")
+        if not self.lora_plus_ratio > 0:
+            raise ValueError(f"lora_plus_ratio={self.lora_plus_ratio} must be > 0 (1: plain AdamW)")
 
 
 def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -97,4 +108,23 @@ def make_optimizer(config: OptimizerConfig, total_steps: int, memory_kind: str =
         per_layer = config.offload_per_layer
         adam = offload_to_host(adam, memory_kind, group_by=top_level_group if per_layer else None, split_layers=per_layer)
     parts = [optax.clip_by_global_norm(config.max_grad_norm)] if config.max_grad_norm is not None else []
+    if config.lora_plus_ratio != 1.0:  # only then: a checkpoint's state keeps its structure
+        adam = optax.chain(adam, scale_lora_b(config.lora_plus_ratio))
     return optax.chain(*parts, adam)
+
+
+LORA_B = "lora_b"
+
+
+def scale_lora_b(ratio: float) -> optax.GradientTransformation:
+    """Multiplies the updates of every leaf named ``lora_b`` by ``ratio`` (LoRA+; module docstring)."""
+
+    def update(updates, state, params=None):
+        del params
+
+        def scale(path, u):
+            return u * ratio if path and getattr(path[-1], "key", None) == LORA_B else u
+
+        return jax.tree_util.tree_map_with_path(scale, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

@@ -54,6 +54,7 @@ OPTIM_HELP = {  # OptimizerConfig's fields, which carry no metadata of their own
     "state_bits": "bits per optimizer moment: 32, or 8 (blockwise, as bitsandbytes' 8-bit AdamW)",
     "offload": "keep the optimizer state in host memory between steps",
     "offload_per_layer": "update the offloaded state one layer at a time (needs offload)",
+    "lora_plus_ratio": "LoRA+: learning rate of LoRA's B over that of A (its paper suggests 16); 1: plain AdamW",
 }
 _EXTRA = {f"optim.{k}": {"help": v, "choices": {"schedule": SCHEDULES, "state_bits": STATE_BITS}.get(k)}
           for k, v in OPTIM_HELP.items()}
@@ -145,6 +146,8 @@ class LoraSection(_Section):
     dropout: float = _f(0.05, "dropout on the LoRA input, in [0, 1)")
     targets: tuple[str, ...] = _f(ALL_TARGETS, "comma-separated projections that get LoRA")
     use_rslora: bool = _f(False, "rank-stabilized scaling alpha/sqrt(r)")
+    use_dora: bool = _f(False, "DoRA (weight-decomposed LoRA, peft's use_dora): a trainable magnitude per output "
+                        "of each adapted projection")
 
     def _check(self):
         if self.rank < 0:
@@ -160,10 +163,12 @@ class LoraSection(_Section):
             self._fail("targets", f"has {unknown}, not projections; choose from {known_targets()}")
         if len(set(self.targets)) != len(self.targets):
             self._fail("targets", "names a projection twice")
+        if self.use_dora and self.rank == 0:
+            self._fail("use_dora", "needs lora.rank >= 1 (DoRA adapts through LoRA's A and B)")
 
     def to_lora_config(self) -> LoraConfig:
         return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
-                          use_rslora=self.use_rslora, targets=self.targets)
+                          use_rslora=self.use_rslora, targets=self.targets, use_dora=self.use_dora)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -87,3 +87,25 @@ def test_bad_config():
         make_schedule(OptimizerConfig(), 0)
     with pytest.raises(ValueError, match="learning_rate=0"):
         OptimizerConfig(learning_rate=0)
+    with pytest.raises(ValueError, match="lora_plus_ratio=0"):
+        OptimizerConfig(lora_plus_ratio=0)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_lora_plus_is_adamw_with_a_larger_learning_rate_for_b(rng, offload):
+    """AdamW's update is linear in lr (weight decay included), so LoRA+ must give B exactly ratio x the
+    update of ratio 1 and leave A and the DoRA magnitude alone, step after step (ratio 16: a power of
+    two, so the product is exact)."""
+    leaf = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    params = {"layers": {"q_proj": {"lora_a": leaf(2, 32, 4), "lora_b": leaf(2, 4, 16), "lora_magnitude": leaf(2, 16)}}}
+    config = OptimizerConfig(learning_rate=1e-2, warmup_ratio=0.0, weight_decay=0.1, offload=offload)
+    one, plus = (make_optimizer(dataclasses.replace(config, lora_plus_ratio=r), 10) for r in (1.0, 16.0))
+    s1, s16 = one.init(params), plus.init(params)
+    for _ in range(3):
+        g = jax.tree.map(lambda x: leaf(*x.shape), params)
+        u1, s1 = jax.jit(one.update)(g, s1, params)
+        u16, s16 = jax.jit(plus.update)(g, s16, params)
+        for k, u in u16["layers"]["q_proj"].items():
+            expect = u1["layers"]["q_proj"][k] * (16.0 if k == "lora_b" else 1.0)
+            np.testing.assert_array_equal(np.asarray(u), np.asarray(expect), err_msg=k)
+        params = optax.apply_updates(params, u16)  # B runs ahead; both see the same params

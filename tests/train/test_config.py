@@ -30,12 +30,12 @@ SPEC_DEFAULTS = {
     "model": {"path": "", "dtype": "auto", "remat": "none", "backend": "auto", "attention": "auto", "loss_chunk": 0,
               "mlp_tile": 0},
     "quant": {"enabled": True, "quant_type": "nf4", "blocksize": 64, "double_quant": True},
-    "lora": {"rank": 16, "alpha": 32.0, "dropout": 0.05, "targets": ALL, "use_rslora": False},
+    "lora": {"rank": 16, "alpha": 32.0, "dropout": 0.05, "targets": ALL, "use_rslora": False, "use_dora": False},
     "data": {"train_path": "", "eval_path": "", "eval_fraction": 0.02, "seq_len": 256, "packing": True,
              "max_train_records": 0},
     "optim": {"learning_rate": 1e-3, "schedule": "constant", "warmup_ratio": 0.03, "final_lr_ratio": 0.0,
               "max_grad_norm": 0.3, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "state_bits": 32,
-              "offload": False, "offload_per_layer": False},
+              "offload": False, "offload_per_layer": False, "lora_plus_ratio": 1.0},
     "loop": {"steps": 40, "epochs": 0.0, "batch_size": 4, "grad_accum": 1, "eval_every": 20, "eval_batches": 4,
              "seed": 0, "max_bad_steps": 5, "sample_prompt": "What is the capital of France?", "sample_tokens": 40},
     "checkpoint": {"every": 20, "keep": 2, "resume": False},
@@ -192,6 +192,8 @@ BAD = [  # (flags, the dotted path the message must name)
     ({"lora.targets": "q_proj,q_proj"}, "lora.targets"),
     ({"data.eval_fraction": "1.0"}, "data.eval_fraction"),
     ({"data.eval_fraction": "-0.1"}, "data.eval_fraction"),
+    ({"lora.use_dora": "true", "lora.rank": "0"}, "lora.use_dora"),
+    ({"lora.use_dora": "sometimes"}, "lora.use_dora"),
     ({"data.seq_len": "1"}, "data.seq_len"),
     ({"data.packing": "2"}, "data.packing"),
     ({"data.max_train_records": "-1"}, "data.max_train_records"),
@@ -204,6 +206,7 @@ BAD = [  # (flags, the dotted path the message must name)
     ({"optim.weight_decay": "-1"}, "optim.weight_decay"),
     ({"optim.state_bits": "4"}, "optim.state_bits"),
     ({"optim.offload_per_layer": "true"}, "optim.offload_per_layer"),
+    ({"optim.lora_plus_ratio": "0"}, "optim.lora_plus_ratio"),
     ({"loop.steps": "-1"}, "loop.steps"),
     ({"loop.steps": "0"}, "loop.steps"),
     ({"loop.steps": "100", "loop.epochs": "1"}, "loop.steps"),
@@ -258,7 +261,8 @@ def test_sections_validate_when_built_directly():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--lora.rnk", "3"], "unknown key lora.rnk; valid keys of lora: rank, alpha, dropout, targets, use_rslora"),
+    (["--lora.rnk", "3"],
+     "unknown key lora.rnk; valid keys of lora: rank, alpha, dropout, targets, use_rslora, use_dora"),
     (["--lora.rnk=3"], "unknown key lora.rnk; valid keys of lora"),
     (["--optim.lr", "3"], "valid keys of optim: learning_rate, schedule"),
     (["--lra.rank", "3"], "sections model, quant, lora, data, optim, loop, checkpoint, output, mesh"),
@@ -272,7 +276,7 @@ def test_unknown_cli_flags(argv, message):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("lora: {rnk: 3}", "unknown key lora.rnk; valid keys of lora: rank, alpha, dropout, targets, use_rslora"),
+    ("lora: {rnk: 3}", "unknown key lora.rnk; valid keys of lora: rank, alpha, dropout, targets, use_rslora, use_dora"),
     ("checkpoint: {evry: 3}", "valid keys of checkpoint: every, keep, resume"),
     ("lra: {rank: 3}", "unknown section 'lra'; valid sections: model, quant, lora, data, optim"),
     ("lora: 3", "section lora must be a mapping"),
@@ -356,6 +360,7 @@ def test_conversions():
     assert QuantSection(enabled=False).to_quant_config() is None
     lora = LoraSection(rank=8, alpha=16.0, dropout=0.1, targets=("q_proj",), use_rslora=True).to_lora_config()
     assert lora == LoraConfig(rank=8, alpha=16.0, dropout=0.1, use_rslora=True, targets=("q_proj",))
+    assert LoraSection(use_dora=True).to_lora_config() == LoraConfig(rank=16, alpha=32.0, dropout=0.05, use_dora=True)
     assert ModelSection().compute_dtype("cpu") == "float32"
     assert ModelSection().compute_dtype("gpu") == "bfloat16"
     assert ModelSection(dtype="bfloat16").compute_dtype("cpu") == "bfloat16"

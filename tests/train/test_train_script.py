@@ -154,3 +154,30 @@ def test_activation_offload_and_mlp_tiles_train_as_remat_full(tiny, tmp_path):
     ours, ref = runs["offload"], runs["full"]
     assert sorted(ours) == sorted(ref) and len(ref) == STEPS
     np.testing.assert_allclose([ours[s] for s in sorted(ours)], [ref[s] for s in sorted(ref)], rtol=2e-4)
+
+
+@pytest.mark.e2e
+def test_dora_trains_and_exports_its_magnitudes(tiny, tmp_path):
+    """``--lora.use_dora true``: the magnitudes train with A and B, checkpoint, and export under peft's key."""
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "dora"
+    _train(tiny, out, "--lora.use_dora", "true", "--loop.steps", "6", "--loop.eval_every", "3",
+           "--checkpoint.every", "3", "--loop.sample_tokens", "0", "--output.plot", "false")
+    evals = [r["eval_loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "eval_loss" in r]
+    assert len(evals) == 3 and evals[-1] < evals[0]
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+    tensors = load_file(out / "adapter" / "adapter_model.safetensors")
+    magnitudes = [k for k in tensors if k.endswith(".lora_magnitude_vector")]
+    assert len(magnitudes) == 2 * 7  # two layers, seven projections
+    # the magnitudes moved off their init: the row norms of the NF4 base
+    import jax.numpy as jnp
+
+    import qlora_jax as qj
+    from qlora_jax.models import LoraConfig
+
+    _, init, _ = qj.from_pretrained(tiny[0], lora=LoraConfig(use_dora=True), dtype=jnp.float32)
+    for i in range(2):
+        start = np.asarray(init["params"]["layers"]["self_attn"]["q_proj"]["lora_magnitude"][i])
+        trained = tensors[f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_magnitude_vector"]
+        assert 1e-4 < np.abs(trained - start).max() < 0.1 * np.abs(start).max()
