@@ -22,10 +22,12 @@ What is shared, so that only the stack and the precision differ:
 Variants: ``ours-qlora`` (NF4 + double quant, blocks of 64), ``ours-lora`` (the base unquantized,
 stored in the compute dtype), ``torch-qlora`` (transformers + peft + bitsandbytes, ``BitsAndBytesConfig``
 nf4 with double quant and the compute dtype, ``prepare_model_for_kbit_training``), ``torch-lora``
-(transformers + peft, base in the compute dtype). Each runs in its own process for each ``--dtypes``
+(transformers + peft, base in the compute dtype), and ``ours-qdora`` / ``torch-qdora``: QLoRA with DoRA
+(peft's ``use_dora``; the magnitudes start at the NF4 base's row norms, written in the initial adapter).
+Each runs in its own process for each ``--dtypes``
 entry (the compute dtype), evaluating the held-out batches at step 0 and every ``--eval-every``
-steps. Printed last: the final held-out losses with their ratios to torch-qlora and to ours-lora
-of the same dtype; ``--png`` draws the eval curves.
+steps. Printed last: the final held-out losses with the ratio of each of ours to the same variant
+on the PyTorch stack and to ours-lora, in the same dtype; ``--png`` draws the eval curves.
 """
 
 from __future__ import annotations
@@ -40,16 +42,16 @@ import time
 
 import numpy as np
 
-VARIANTS = ("ours-qlora", "ours-lora", "torch-qlora", "torch-lora")
+VARIANTS = ("ours-qlora", "ours-lora", "torch-qlora", "torch-lora", "ours-qdora", "torch-qdora")
 DTYPES = ("float32", "bfloat16")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
-def _lora(args):
+def _lora(args, dora: bool = False):
     from qlora_jax.models import LoraConfig
 
-    return LoraConfig(rank=args.rank, alpha=2.0 * args.rank, dropout=0.0, targets=TARGETS)
+    return LoraConfig(rank=args.rank, alpha=2.0 * args.rank, dropout=0.0, targets=TARGETS, use_dora=dora)
 
 
 def prepare(args) -> dict[str, str]:
@@ -85,12 +87,18 @@ def prepare(args) -> dict[str, str]:
         arrays |= {f"eval_{f}": np.stack([getattr(b, f) for b in held]) for f in FIELDS}
         np.savez(batches + ".tmp.npz", **arrays)
         os.replace(batches + ".tmp.npz", batches)
-    adapter = os.path.join(args.cache, f"quality-init-r{args.rank}")
-    if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
-        _, variables, _ = from_pretrained(folder, quantization=None, lora=_lora(args), dtype=np.float32,
-                                          base_dtype=np.float32, key=jax.random.key(args.seed))
-        save_peft_adapter(adapter, variables["params"], _lora(args))
-    return dict(folder=folder, batches=batches, adapter=adapter)
+    paths = dict(folder=folder, batches=batches)
+    for dora in (False, True):  # DoRA's magnitudes start at the NF4 base's row norms, as peft's over bnb's
+        adapter = os.path.join(args.cache, f"quality-init-r{args.rank}{'-dora' if dora else ''}")
+        if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
+            from qlora_jax.layers import QuantConfig
+
+            _, variables, _ = from_pretrained(folder, quantization=QuantConfig() if dora else None,
+                                              lora=_lora(args, dora), dtype=np.float32, base_dtype=np.float32,
+                                              key=jax.random.key(args.seed))
+            save_peft_adapter(adapter, variables["params"], _lora(args, dora))
+        paths["dora_adapter" if dora else "adapter"] = adapter
+    return paths
 
 
 def _schedule_factor(step: int, warmup: int) -> float:
@@ -98,7 +106,7 @@ def _schedule_factor(step: int, warmup: int) -> float:
     return min(1.0, step / warmup) if warmup else 1.0
 
 
-def run_ours(args, paths, quantized: bool, dtype: str) -> dict:
+def run_ours(args, paths, quantized: bool, dtype: str, dora: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -110,9 +118,9 @@ def run_ours(args, paths, quantized: bool, dtype: str) -> dict:
 
     dt = jnp.dtype(dtype)
     model, variables, _ = from_pretrained(paths["folder"], quantization=QuantConfig() if quantized else None,
-                                          lora=_lora(args), dtype=dt, base_dtype=dt, key=jax.random.key(args.seed))
+                                          lora=_lora(args, dora), dtype=dt, base_dtype=dt, key=jax.random.key(args.seed))
     params, frozen = split_trainable(variables)
-    start, _ = load_peft_adapter(paths["adapter"], num_layers=model.config.num_hidden_layers)
+    start, _ = load_peft_adapter(paths["dora_adapter" if dora else "adapter"], num_layers=model.config.num_hidden_layers)
     if jax.tree.structure(start) != jax.tree.structure(params):
         raise SystemExit("the initial adapter does not match the model's LoRA tree")
     params = jax.tree.map(lambda p, s: jnp.asarray(s, p.dtype), params, start)
@@ -155,7 +163,7 @@ def _rows(batches: dict, i: int):
     return tuple(torch.from_numpy(a) for a in (ids, attend, targets, mask))
 
 
-def run_torch(args, paths, quantized: bool, dtype: str) -> dict:
+def run_torch(args, paths, quantized: bool, dtype: str, dora: bool = False) -> dict:
     import torch
     import transformers
     from peft import PeftModel, prepare_model_for_kbit_training
@@ -169,7 +177,7 @@ def run_torch(args, paths, quantized: bool, dtype: str) -> dict:
     model = transformers.AutoModelForCausalLM.from_pretrained(paths["folder"], dtype=dt, **kw)
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = PeftModel.from_pretrained(model, paths["adapter"], is_trainable=True)
+    model = PeftModel.from_pretrained(model, paths["dora_adapter" if dora else "adapter"], is_trainable=True)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
@@ -208,13 +216,13 @@ def run_torch(args, paths, quantized: bool, dtype: str) -> dict:
 def run_variant(args, name: str, dtype: str) -> dict:
     paths = prepare(args)
     runner = run_ours if name.startswith("ours") else run_torch
-    return runner(args, paths, "qlora" in name, dtype)
+    return runner(args, paths, "-q" in name, dtype, dora=name.endswith("dora"))
 
 
 def table(results: dict, args) -> str:
     """Final held-out losses per variant and dtype, with the ratios the issue's goals name."""
     lines = [f"| variant (SmolLM2-135M-Instruct, chitchat, {args.steps} steps of {args.batch} x {args.seq_len} packed, "
-             f"r = {args.rank}) | compute | held-out loss at 0 | final held-out loss | vs torch-qlora | vs ours-lora | "
+             f"r = {args.rank}) | compute | held-out loss at 0 | final held-out loss | vs the same on torch | vs ours-lora | "
              "s / step |", "|---|---|---:|---:|---:|---:|---:|"]
     final = {k: r["curve"][-1][1] for k, r in results.items() if "curve" in r}
     for (name, dtype), r in results.items():
@@ -223,7 +231,8 @@ def table(results: dict, args) -> str:
             continue
         ratio = lambda other: (f"{final[(name, dtype)] / final[(other, dtype)]:.4f}x"  # noqa: E731
                                if (other, dtype) in final and other != name else "")
-        lines.append(f"| {name} | {dtype} | {r['curve'][0][1]:.4f} | {final[(name, dtype)]:.4f} | {ratio('torch-qlora')} | "
+        lines.append(f"| {name} | {dtype} | {r['curve'][0][1]:.4f} | {final[(name, dtype)]:.4f} | "
+                     f"{ratio(name.replace('ours-', 'torch-')) if name.startswith('ours-') else ''} | "
                      f"{ratio('ours-lora')} | {r['step_s']:.2f} |")
     return "\n".join(lines)
 
