@@ -58,9 +58,19 @@ def generate(
 
 
 def greedy_reference(model: CausalLM, variables, prompt: Sequence[int], steps: int) -> list[int]:
-    """Greedy tokens by re-running the whole sequence each step (no cache); for tests."""
-    seq = list(prompt)
-    for _ in range(steps):
-        logits = model.apply(variables, jnp.asarray([seq], jnp.int32))
-        seq.append(int(np.argmax(np.asarray(logits[0, -1]))))
-    return seq[len(prompt):]
+    """Greedy tokens by re-running the whole sequence each step (no cache); for tests.
+
+    Every step runs the same ``(1, len(prompt) + steps)`` row, the tokens not yet chosen held
+    at 0 and read nowhere: a causal model's logits at a position do not depend on the tokens
+    after it, so this is the plain loop over growing sequences, compiled once instead of once
+    per length (a model that let later tokens reach earlier positions would read the zeros and
+    disagree with ``generate``).
+    """
+    n = len(prompt)
+    seq = np.zeros((1, n + steps), np.int32)
+    seq[0, :n] = prompt
+    forward = jax.jit(model.apply)
+    for i in range(steps):
+        logits = forward(variables, jnp.asarray(seq))
+        seq[0, n + i] = int(np.argmax(np.asarray(logits[0, n + i - 1])))
+    return seq[0, n:].tolist()
