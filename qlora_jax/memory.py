@@ -149,6 +149,11 @@ class StepShape:
     attention: str  # an explicit implementation, never "auto"
     loss_chunk: int
     mlp_tile: int = 0  # tokens per MLP sequence tile (LlamaForCausalLM.mlp_tile)
+    residual_dtype: str = ""  # the residual stream's dtype (CausalLM.residual_dtype); "": compute_dtype
+
+    @property
+    def residual(self) -> str:
+        return self.residual_dtype or self.compute_dtype
 
 
 def _check_int(name: str, value, low: int = 1) -> int:
@@ -201,7 +206,8 @@ def compiled_step_memory(config: LlamaConfig, shape: StepShape) -> StepMemory:
     from qlora_jax.train.step import make_train_step
 
     model = CausalLM(config, shape.lora, shape.quant, dtype=jnp.dtype(shape.compute_dtype), remat=shape.remat,
-                             attention=shape.attention, mlp_tile=shape.mlp_tile)
+                             attention=shape.attention, mlp_tile=shape.mlp_tile,
+                             residual_dtype=jnp.dtype(shape.residual))
     params, frozen = split_trainable(abstract_variables(config, shape.lora, shape.quant, shape.base_dtype))
     tx = make_optimizer(OptimizerConfig(state_bits=8 if shape.optimizer == "8bit" else 32), 10, skip_nonfinite=True)
     ints = jax.ShapeDtypeStruct((1, shape.batch, shape.seq_len), jnp.int32)
@@ -230,7 +236,7 @@ def cpu_stack_upcast_bytes(config: LlamaConfig, shape: StepShape, compiled) -> i
     Only at remat full and offload, where that input is the one stacked residual (other policies
     stack float32 intermediates of the same shape that a GPU keeps too).
     """
-    itemsize = jnp.dtype(shape.compute_dtype).itemsize
+    itemsize = jnp.dtype(shape.residual).itemsize
     if itemsize >= 4 or jax.default_backend() != "cpu" or shape.remat not in ("full", "offload"):
         return 0
     dims = (config.num_hidden_layers, shape.batch, shape.seq_len, config.hidden_size)
@@ -319,7 +325,7 @@ def planned_attention(attention: str, seq_len: int, head_dim: int, platform: str
 def plan(config: LlamaConfig, *, batch: int, seq_len: int, lora: LoraConfig = LoraConfig(),
          quant: QuantConfig | None = QuantConfig(), optimizer: str = "fp32", offload: bool = False,
          remat: str = "full", compute_dtype="bfloat16", base_dtype="bfloat16", attention: str = "auto",
-         loss_chunk: int = 0, platform: str = "gpu", mlp_tile: int = 0) -> MemoryPlan:
+         loss_chunk: int = 0, platform: str = "gpu", mlp_tile: int = 0, residual_dtype=None) -> MemoryPlan:
     """The ``MemoryPlan`` of one training step on ``batch`` x ``seq_len`` tokens (module docstring)."""
     if not isinstance(config, LlamaConfig):
         raise ValueError(f"config must be a LlamaConfig, got {type(config).__name__}")
@@ -330,14 +336,17 @@ def plan(config: LlamaConfig, *, batch: int, seq_len: int, lora: LoraConfig = Lo
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r} is not one of {REMAT_POLICIES}")
     _bytes("compute_dtype", compute_dtype)
+    residual_dtype = compute_dtype if residual_dtype is None else residual_dtype
+    _bytes("residual_dtype", residual_dtype)
     s = state_bytes(config, lora=lora, quant=quant, optimizer=optimizer, base_dtype=base_dtype)
     impl = planned_attention(attention, seq_len, config.head_dim, platform)
     shape = StepShape(batch, seq_len, lora, quant, optimizer, remat, jnp.dtype(compute_dtype).name,
-                      jnp.dtype(base_dtype).name, impl, loss_chunk, mlp_tile)
+                      jnp.dtype(base_dtype).name, impl, loss_chunk, mlp_tile, jnp.dtype(residual_dtype).name)
     m, extrapolated = step_memory(config, shape)
     temp, on_host = m.temp, m.host_temp
     if remat == "offload" and jax.default_backend() == "cpu":  # XLA's CPU drops the offload (module docstring)
-        on_host = config.num_hidden_layers * batch * seq_len * config.hidden_size * _bytes("compute_dtype", compute_dtype)
+        on_host = config.num_hidden_layers * batch * seq_len * config.hidden_size * _bytes("residual_dtype",
+                                                                                           residual_dtype)
         temp -= on_host
     update = 8 * s.lora_count + 2 * s.optimizer_state if offload else 0
     return MemoryPlan(s.quant_codes, s.quant_scales, s.quant_nested, s.unquantized, s.lora_params, s.optimizer_state,
@@ -489,6 +498,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mlp-tile", type=int, default=0, help="tokens per MLP sequence tile (0: untiled)")
     ap.add_argument("--platform", default="gpu", help=f"what 'auto' attention resolves for, one of {PLATFORMS}")
     ap.add_argument("--compute-dtype", default="bfloat16", help="activation dtype")
+    ap.add_argument("--residual-dtype", default=None, help="the residual stream's dtype (default: --compute-dtype)")
     ap.add_argument("--base-dtype", default="bfloat16", help="dtype of embeddings, head and unquantized weights")
     ap.add_argument("--device-gib", type=float, default=80.0, help="device memory to check the plan against")
     ap.add_argument("--max-context", default="", help="comma-separated GiB: print the longest sequence for each "
@@ -503,7 +513,7 @@ def main(argv=None) -> int:
         kw = dict(batch=args.batch, lora=lora, quant=quant, optimizer=args.optimizer, offload=args.offload,
                   remat=args.remat, compute_dtype=args.compute_dtype, base_dtype=args.base_dtype,
                   attention=args.attention, loss_chunk=args.loss_chunk, platform=args.platform,
-                  mlp_tile=args.mlp_tile)
+                  mlp_tile=args.mlp_tile, residual_dtype=args.residual_dtype)
         budgets = _gib_list(args.max_context) if args.max_context else None
         if budgets is None:
             p = plan(config, seq_len=args.seq_len, **kw)

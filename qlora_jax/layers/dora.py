@@ -124,8 +124,10 @@ def dora_delta(y0: jax.Array, dropped_base: jax.Array | None, lora: jax.Array, m
 
     ``y0`` ``(..., out)``: ``x W^T``; ``dropped_base``: ``dropout(x) W^T`` when dropout is active
     (peft's ``base_result = None`` branch), else ``None``; ``lora``: ``s (h A) B``. ``g`` is
-    formed in float32 and ``g - 1`` is rounded from it (it is small), then both go to ``y0``'s dtype.
+    formed in float32 and ``g - 1`` is rounded from it (it is small), then both go to the wider of
+    ``y0``'s and ``lora``'s dtypes (float32 with ``fp32_output``), in which the result comes out.
     """
+    dt = jnp.promote_types(y0.dtype, lora.dtype)
     g = magnitude.astype(jnp.float32) / jax.lax.stop_gradient(norm).astype(jnp.float32)
     base = y0 if dropped_base is None else dropped_base
-    return (g - 1.0).astype(y0.dtype) * base + g.astype(y0.dtype) * lora
+    return (g - 1.0).astype(dt) * base.astype(dt) + g.astype(dt) * lora.astype(dt)

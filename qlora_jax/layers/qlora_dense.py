@@ -28,6 +28,11 @@ the magnitude ``lora_magnitude`` ``(out,)`` (initialised to the base's row norms
 with ``h = dropout(x)`` (``h @ W.T`` is ``x @ W.T`` itself when no dropout is active); the
 row norm is computed from the 4-bit base in chunks and gets no gradient.
 
+``fp32_output`` (with ``rank >= 1``): the LoRA term ``s * (h @ A) @ B`` is computed with a float32
+``x @ A`` and float32 ``B`` and added to the base output in float32, and the layer returns float32
+(peft's LoRA over a float32 residual stream does the same). In the compute dtype (bf16) a LoRA term
+much smaller than the base output, as every early update is, rounds away in the sum.
+
 Three dtypes: ``dtype`` for compute (bf16), ``param_dtype`` for LoRA (fp32), and
 the fixed storage of the base (uint8 codes, or ``base_dtype`` when unquantized).
 """
@@ -80,6 +85,7 @@ class QLoRADense(nn.Module):
     use_rslora: bool = False
     use_dora: bool = False
     use_bias: bool = False
+    fp32_output: bool = False
     quant: QuantConfig | None = QuantConfig()
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
@@ -124,7 +130,9 @@ class QLoRADense(nn.Module):
         b = self.param("lora_b", nn.initializers.zeros, (self.rank, self.features), self.param_dtype)
         dropped = self.dropout > 0 and not deterministic
         h = self._dropout(x) if dropped else x
-        lora = lora_product(h, a.astype(self.dtype), b.astype(self.dtype), self.scaling)
+        out_dtype = jnp.float32 if self.fp32_output else self.dtype
+        lora = lora_product(h, a.astype(self.dtype), b.astype(out_dtype), self.scaling, out_dtype)
+        y = y.astype(out_dtype)
         if not self.use_dora:
             return y + lora
         magnitude = self.param("lora_magnitude", lambda _: weight_norm(kernel).astype(self.param_dtype))

@@ -42,7 +42,8 @@ class LoraConfig:
     ``targets`` are projection names; each family maps them to its own
     (``Family.resolve_targets``: the Llama names stand for Phi-3's fused projections).
     ``use_dora``: DoRA (peft's ``use_dora=True``), a trainable magnitude per output of each
-    adapted projection (``qlora_jax.layers.dora``).
+    adapted projection (``qlora_jax.layers.dora``). ``fp32_output``: each adapted projection
+    computes its LoRA term in float32 and returns float32 (``QLoRADense.fp32_output``).
     """
 
     rank: int = 16
@@ -51,6 +52,7 @@ class LoraConfig:
     use_rslora: bool = False
     targets: tuple[str, ...] = LLAMA_TARGETS
     use_dora: bool = False
+    fp32_output: bool = False
 
     def __post_init__(self):
         from qlora_jax.models.family import known_targets
@@ -60,8 +62,9 @@ class LoraConfig:
             raise ValueError(f"lora targets {unknown} are not projections; choose from {known_targets()}")
         if self.rank < 0:
             raise ValueError(f"lora rank={self.rank} must be >= 0")
-        if not isinstance(self.use_dora, bool):
-            raise ValueError(f"lora use_dora={self.use_dora!r} must be a bool")
+        for name in ("use_dora", "fp32_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"lora {name}={getattr(self, name)!r} must be a bool")
 
 
 class RMSNorm(nn.Module):
@@ -118,7 +121,8 @@ class Sublayer(nn.Module):
         lora = self.lora
         rank = lora.rank if name in lora_targets(self.config, lora) else 0
         return QLoRADense(features=features, rank=rank, alpha=lora.alpha, dropout=lora.dropout,
-                          use_rslora=lora.use_rslora, use_dora=lora.use_dora, use_bias=bias, quant=self.quant,
+                          use_rslora=lora.use_rslora, use_dora=lora.use_dora, use_bias=bias,
+                          fp32_output=lora.fp32_output and rank > 0, quant=self.quant,
                           dtype=self.dtype, backend=self.backend, name=name)
 
 
@@ -168,7 +172,7 @@ class SelfAttention(Sublayer):
         else:
             keys, values, k_pos, k_valid, new_kv = update_cache(kv, index, k, v)
             k_seg = None
-        out = attention(q, keys.astype(self.dtype), values.astype(self.dtype), q_positions=positions,
+        out = attention(q.astype(self.dtype), keys.astype(self.dtype), values.astype(self.dtype), q_positions=positions,
                         kv_positions=k_pos, q_segment_ids=segment_ids, kv_segment_ids=k_seg, kv_valid=k_valid,
                         window=window, scale=c.attn_scale, softcap=c.attn_softcap, implementation=self.attention)
         return out, new_kv

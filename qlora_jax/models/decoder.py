@@ -5,6 +5,11 @@
     logits = cap(head(norm(h_L)))             (head = embed.T when embeddings are tied;
                                                cap(l) = c tanh(l / c) with a final soft-cap, else l)
 
+The residual stream ``h`` is carried in ``residual_dtype`` (the compute dtype when None):
+each sublayer reads its normed input in the compute dtype and its output is added in
+``residual_dtype``, so a float32 stream keeps what a bf16 one rounds away (docs/benchmarks.md,
+training quality). The head reads ``norm(h_L)`` in the compute dtype.
+
 Shapes: tokens ``(B, T)`` int; logits ``(B, T, vocab)`` float32 (or, with
 ``return_hidden=True``, the normed ``(B, T, hidden)`` states that the chunked loss
 takes with ``head_table``, the cap applied there). Attention goes through
@@ -86,6 +91,7 @@ class CausalLM(nn.Module):
     backend: str = "auto"  # the 4-bit matmul's backend (qlora_jax.kernels.BACKENDS; docs/kernels.md)
     attention: str = "auto"  # the attention implementation (qlora_jax.models.attention.IMPLEMENTATIONS)
     mlp_tile: int = 0  # tokens per MLP sequence tile (blocks.tiled_mlp: long sequences); 0: untiled
+    residual_dtype: Any = None  # the residual stream's dtype (the hidden state between sublayers); None: dtype
 
     def __post_init__(self):
         from qlora_jax.models.blocks import lora_targets
@@ -94,6 +100,9 @@ class CausalLM(nn.Module):
             raise ValueError(f"backend={self.backend!r} is not one of {BACKENDS}")
         if self.attention not in IMPLEMENTATIONS:
             raise ValueError(f"attention={self.attention!r} is not one of {IMPLEMENTATIONS}")
+        if self.residual_dtype is not None and jnp.dtype(self.residual_dtype) not in (
+                jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            raise ValueError(f"residual_dtype={self.residual_dtype!r} must be float32, bfloat16, float16 or None")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
         if not isinstance(self.mlp_tile, int) or isinstance(self.mlp_tile, bool) or self.mlp_tile < 0:
@@ -115,16 +124,16 @@ class CausalLM(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(t)[None, :] + start, (b, t))
         embedding = self.variable(FROZEN, "embed_tokens", self._random_table).value
         embedding = jax.lax.stop_gradient(embedding)
-        h = jnp.take(embedding, tokens, axis=0).astype(self.dtype)
+        h = jnp.take(embedding, tokens, axis=0).astype(self.residual_dtype or self.dtype)
         if c.embed_multiplier != 1.0:
-            h = h * jnp.asarray(c.embed_multiplier, self.dtype)
+            h = h * jnp.asarray(c.embed_multiplier, h.dtype)
         layers = scanned_layers(family_of(c).layer, self.remat if cache is None else "none", c.num_hidden_layers)(
             c, self.lora, self.quant, self.dtype, self.backend, self.attention, deterministic=deterministic,
             mlp_tile=self.mlp_tile, name="layers")
         kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
         h, new_kv = layers(h, positions, segment_ids, kv, None if cache is None else cache["index"],
                            jnp.asarray(layer_kinds(c)))
-        h = norm(c, "norm")(h)
+        h = norm(c, "norm")(h).astype(self.dtype)
         if return_hidden:
             if cache is not None:
                 raise ValueError("return_hidden=True is for training (no KV cache)")

@@ -40,9 +40,9 @@ class DecoderLayer(DecoderLayerBase):
     def __call__(self, h, positions, segment_ids, kv, index, kind=FULL):
         c = self.config
         h, attn_out, new_kv = self.begin(h, positions, segment_ids, kv, index, kind)
-        h = h + norm(c, "post_attention_layernorm")(attn_out)
+        h = h + norm(c, "post_attention_layernorm")(attn_out).astype(h.dtype)
         mlp_out = tiled_mlp(self, norm(c, "pre_feedforward_layernorm")(h), self.mlp_tile, self.deterministic)
-        return h + norm(c, "post_feedforward_layernorm")(mlp_out), new_kv
+        return h + norm(c, "post_feedforward_layernorm")(mlp_out).astype(h.dtype), new_kv
 
 
 def layer_tensors(c: ModelConfig) -> dict[str, LayerTensor]:

@@ -47,8 +47,9 @@ class DecoderLayer(DecoderLayerBase):
     def __call__(self, h, positions, segment_ids, kv, index, kind=FULL):
         c = self.config
         h, attn_out, new_kv = self.begin(h, positions, segment_ids, kv, index, kind)
-        h = h + attn_out
-        return h + tiled_mlp(self, norm(c, "post_attention_layernorm")(h), self.mlp_tile, self.deterministic), new_kv
+        h = h + attn_out.astype(h.dtype)
+        mlp_out = tiled_mlp(self, norm(c, "post_attention_layernorm")(h), self.mlp_tile, self.deterministic)
+        return h + mlp_out.astype(h.dtype), new_kv
 
 
 def attention_tensors(c: ModelConfig) -> dict[str, LayerTensor]:

@@ -9,7 +9,8 @@ tensor at a time. A folder saved by transformers with bitsandbytes 4-bit
 weights (``*.weight.quant_state.bitsandbytes__nf4`` keys) is read without
 re-quantizing. ``quantization=None`` loads a float base (parity tests, bf16 LoRA).
 ``attention`` names the attention implementation (``qlora_jax.models.attention``); ``mlp_tile``
-computes the MLP over sequence tiles of that many tokens (``qlora_jax.models.blocks.tiled_mlp``).
+computes the MLP over sequence tiles of that many tokens (``qlora_jax.models.blocks.tiled_mlp``);
+``residual_dtype`` is the residual stream's dtype (``qlora_jax.models.decoder``; None: ``dtype``).
 The family (``qlora_jax.models.family``) comes from ``config.json``'s ``model_type`` or the
 GGUF's ``general.architecture``. An error about a file's content names the file, and the
 tensor where there is one.
@@ -46,6 +47,7 @@ def from_pretrained(
     remat: str = "none",
     attention: str = "auto",
     mlp_tile: int = 0,
+    residual_dtype=None,
 ) -> tuple[CausalLM, dict[str, Any], TextTokenizer | None]:
     """Loads a model for QLoRA; see the module docstring. The tokenizer is ``None`` if the folder has none."""
     path = os.fspath(path)
@@ -73,7 +75,7 @@ def from_pretrained(
         message = str(e)
         raise ValueError(message if message.startswith(where()) else f"{where()}: {message}") from None
     model = CausalLM(config, lora, quant=quantization, dtype=dtype, remat=remat, attention=attention,
-                     mlp_tile=mlp_tile)
+                     mlp_tile=mlp_tile, residual_dtype=residual_dtype)
     return model, variables, read_tokenizer()
 
 

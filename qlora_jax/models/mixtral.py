@@ -137,7 +137,7 @@ class DecoderLayer(DecoderLayerBase):
     def __call__(self, h, positions, segment_ids, kv, index, kind=FULL):
         c = self.config
         h, attn_out, new_kv = self.begin(h, positions, segment_ids, kv, index, kind)
-        h = h + attn_out
+        h = h + attn_out.astype(h.dtype)
         moe = SparseMoe(*self.parts(), name="block_sparse_moe")(norm(c, "post_attention_layernorm")(h))
         return h + moe.astype(h.dtype), new_kv
 

@@ -43,9 +43,9 @@ class DecoderLayer(DecoderLayerBase):
     def __call__(self, h, positions, segment_ids, kv, index, kind=FULL):
         c = self.config
         h, attn_out, new_kv = self.begin(h, positions, segment_ids, kv, index, kind, FusedAttention)
-        h = h + attn_out
+        h = h + attn_out.astype(h.dtype)
         x = norm(c, "post_attention_layernorm")(h)
-        return h + tiled_mlp(self, x, self.mlp_tile, self.deterministic, fused=True), new_kv
+        return h + tiled_mlp(self, x, self.mlp_tile, self.deterministic, fused=True).astype(h.dtype), new_kv
 
 
 def layer_tensors(c: ModelConfig) -> dict[str, LayerTensor]:

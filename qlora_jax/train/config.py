@@ -39,6 +39,7 @@ from qlora_jax.quant.codebooks import QUANT_TYPES
 from qlora_jax.train.cli import FieldDoc, coerce, field_docs, from_tree, hints, parse, section_classes, to_tree
 
 DTYPES = ("auto", "float32", "bfloat16")
+RESIDUAL_DTYPES = ("compute", "float32")
 MESH_AXES = ("data", "fsdp")
 DEFAULT_STEPS = 40
 OPTIM_HELP = {  # OptimizerConfig's fields, which carry no metadata of their own
@@ -104,6 +105,8 @@ class ModelSection(_Section):
                          "0: auto, about 256 MiB of float32 logits per chunk")
     mlp_tile: int = _f(0, "tokens per sequence tile of the MLP (its (T, intermediate) arrays one tile at a "
                        "time, for very long sequences; one more MLP forward per step); 0: untiled")
+    residual_dtype: str = _f("compute", "dtype of the residual stream between sublayers: compute (the compute "
+                             "dtype) or float32 (keeps small updates a bf16 stream rounds away)", RESIDUAL_DTYPES)
 
     def _check(self):
         if self.loss_chunk < 0:
@@ -116,6 +119,10 @@ class ModelSection(_Section):
         if self.dtype != "auto":
             return self.dtype
         return "float32" if platform == "cpu" else "bfloat16"
+
+    def residual(self, platform: str) -> str:
+        """The residual stream's dtype: ``residual_dtype`` with "compute" resolved for ``platform``."""
+        return self.compute_dtype(platform) if self.residual_dtype == "compute" else self.residual_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +155,8 @@ class LoraSection(_Section):
     use_rslora: bool = _f(False, "rank-stabilized scaling alpha/sqrt(r)")
     use_dora: bool = _f(False, "DoRA (weight-decomposed LoRA, peft's use_dora): a trainable magnitude per output "
                         "of each adapted projection")
+    fp32_output: bool = _f(False, "compute each LoRA term in float32 and add it to its projection's output in "
+                           "float32 (as peft over a float32 residual stream)")
 
     def _check(self):
         if self.rank < 0:
@@ -168,7 +177,8 @@ class LoraSection(_Section):
 
     def to_lora_config(self) -> LoraConfig:
         return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
-                          use_rslora=self.use_rslora, targets=self.targets, use_dora=self.use_dora)
+                          use_rslora=self.use_rslora, targets=self.targets, use_dora=self.use_dora,
+                          fp32_output=self.fp32_output)
 
 
 @dataclasses.dataclass(frozen=True)

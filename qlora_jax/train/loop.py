@@ -120,7 +120,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
     lora = config.lora.to_lora_config()
     model, variables, tokenizer = from_pretrained(model_path, quantization=config.quant.to_quant_config(), lora=lora,
                                                   dtype=dtype, key=key, remat=config.model.remat,
-                                                  attention=config.model.attention, mlp_tile=config.model.mlp_tile)
+                                                  attention=config.model.attention, mlp_tile=config.model.mlp_tile,
+                                                  residual_dtype=jnp.dtype(config.model.residual(platform)))
     if tokenizer is None:
         raise ValueError(f"model.path={model_path} has no tokenizer (tokenizer.json or GGUF tokenizer fields)")
     model = model.clone(backend=config.model.backend)

@@ -49,3 +49,25 @@ def test_shape_mismatch_is_named():
     x, a, b, _ = _inputs(0, (3,), 8, 2, 4, jnp.float32)
     with pytest.raises(ValueError, match="do not chain"):
         lora_product(x, a[:5], b, 1.0)
+
+
+def test_float32_output_keeps_small_terms_and_its_grads_track_fp32():
+    """``out_dtype=float32`` over bf16 ``x``: ``u = x @ A`` and ``u @ B`` in float32, so the result is the
+    float32 product of the bf16 operands (rounded once per sum, not to bf16), and ``dB`` is that exact."""
+    x, a, b, w = _inputs(5, (3, 16), 64, 8, 48, jnp.bfloat16)
+    a16 = a.astype(jnp.bfloat16)
+    got = lora_product(x, a16, b, 0.5, jnp.float32)
+    assert got.dtype == jnp.float32
+    want = _plain(x, a16.astype(jnp.float32), b, 0.5)
+    # float32 sums of 64 and 8 terms: a few ulps of the largest partial products
+    np.testing.assert_allclose(got, want, rtol=0, atol=64 * 2.0 ** -23 * float(jnp.max(jnp.abs(want))) * 8)
+    f = lambda x, a, b: jnp.sum(lora_product(x, a.astype(x.dtype), b, 0.5, jnp.float32) * w)  # noqa: E731
+    gx, ga, gb = jax.grad(f, argnums=(0, 1, 2))(x, a, b)
+    assert (gx.dtype, ga.dtype, gb.dtype) == (jnp.bfloat16, jnp.float32, jnp.float32)
+    ref = jax.grad(lambda x, a, b: jnp.sum(_plain(x, a, b, 0.5) * w), argnums=(0, 1, 2))(
+        x.astype(jnp.float32), a16.astype(jnp.float32), b)
+    err_b = float(jnp.max(jnp.abs(gb - ref[2])) / jnp.max(jnp.abs(ref[2])))
+    assert err_b < 1e-5, err_b  # dB = s u^T dy: float32 throughout
+    for g, e in zip((gx, ga), ref[:2]):  # through g = s dy B^T, rounded to bf16 for the bf16 GEMMs
+        err = float(jnp.max(jnp.abs(g.astype(jnp.float32) - e)) / jnp.max(jnp.abs(e)))
+        assert err < 3e-2, err

@@ -134,3 +134,27 @@ def test_validation(rng):
     v = m.init(jax.random.key(0), _x(rng, (1, 64)))
     with pytest.raises(ValueError, match=r"expected \(out, in\)=\(16, 32\)"):
         m.apply(v, _x(rng, (1, 32)))
+
+
+def test_fp32_output_keeps_an_update_bf16_rounds_away(rng):
+    """A LoRA term far below half a bf16 ulp of the base output vanishes from a bf16 layer's output;
+    with ``fp32_output`` the layer returns ``float32(base) + lora`` with the term intact."""
+    x = _x(rng, (6, 64)).astype(jnp.bfloat16)
+    plain = QLoRADense(features=32, rank=4)
+    v = plain.init(jax.random.key(0), x)
+    base = np.asarray(plain.apply(v, x).astype(jnp.float32))
+    scale = 2.0 ** -14 * float(np.min(np.abs(base)[np.abs(base) > 0]))  # lora term < 2^-9 of every output
+    b = jnp.full((4, 32), 1.0, jnp.float32)
+    u = np.asarray(x.astype(jnp.float32)) @ np.asarray(v["params"]["lora_a"].astype(jnp.bfloat16).astype(jnp.float32))
+    lora = plain.scaling * u @ np.asarray(b)
+    b = b * scale / float(np.max(np.abs(lora)))
+    lora = lora * scale / float(np.max(np.abs(lora)))
+    v = {**v, "params": {**v["params"], "lora_b": b}}
+    rounded = plain.apply(v, x)
+    assert rounded.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(rounded.astype(jnp.float32)), base)  # the update is lost
+    kept = QLoRADense(features=32, rank=4, fp32_output=True).apply(v, x)
+    assert kept.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(kept) - base, lora, rtol=1e-3, atol=2.0 ** -23 * float(np.max(np.abs(base))))
+    zero = QLoRADense(features=32, rank=0, fp32_output=True)  # no LoRA term: the compute dtype, as before
+    assert zero.apply(zero.init(jax.random.key(0), x), x).dtype == jnp.bfloat16

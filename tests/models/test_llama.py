@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -107,3 +108,38 @@ def test_pallas_backend_gives_same_logits_and_lora_grads(rng):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="backend='gpu'"):
         LlamaForCausalLM(CFG, backend="gpu")
+
+
+def _scan_carries(jaxpr, shape):
+    """The dtypes of every ``scan`` output of ``shape`` in ``jaxpr`` and its sub-jaxprs."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            found += [v.aval.dtype for v in eqn.outvars if v.aval.shape == shape]
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _scan_carries(sub, shape)
+    return found
+
+
+def test_residual_stream_dtype(rng):
+    """``residual_dtype`` is the layers' carry: float32 over bf16 compute stays float32 through the scan,
+    changes nothing in float32 compute, and stays within bf16 rounding of the float32 model."""
+    model, v = _model_and_vars(rng)
+    tokens = jnp.asarray(rng.integers(0, 128, (1, 9)))
+    f32 = np.asarray(model.apply(v, tokens))
+    same = LlamaForCausalLM(CFG, LoraConfig(rank=4), dtype=jnp.float32, residual_dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(same.apply(v, tokens)), f32)
+    params, frozen = split_trainable(v)
+    for residual, fp32_out in ((None, False), (jnp.float32, False), (jnp.float32, True)):
+        mixed = LlamaForCausalLM(CFG, LoraConfig(rank=4, fp32_output=fp32_out), dtype=jnp.bfloat16,
+                                 residual_dtype=residual)
+        carries = _scan_carries(jax.make_jaxpr(lambda p: mixed.apply(merge(p, frozen), tokens))(params).jaxpr,
+                                (1, 9, CFG.hidden_size))
+        assert carries and set(carries) == {jnp.dtype(residual or jnp.bfloat16)}, carries
+        _, grads = jax.value_and_grad(lambda p: mixed.apply(merge(p, frozen), tokens)[..., 3].sum())(params)
+        assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+        out = np.asarray(mixed.apply(v, tokens))
+        # bf16 operands (8 significant bits) through two layers: a few percent of the logits' scale
+        assert np.max(np.abs(out - f32)) < 0.05 * np.max(np.abs(f32)), (residual, fp32_out)
+    with pytest.raises(ValueError, match="residual_dtype"):
+        LlamaForCausalLM(CFG, residual_dtype=jnp.int32)

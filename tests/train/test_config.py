@@ -7,6 +7,7 @@ import json
 import re
 import sys
 
+import numpy as np
 import pytest
 
 from qlora_jax.layers.qlora_dense import QuantConfig
@@ -28,9 +29,10 @@ from qlora_jax.train.config import (
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SPEC_DEFAULTS = {
     "model": {"path": "", "dtype": "auto", "remat": "none", "backend": "auto", "attention": "auto", "loss_chunk": 0,
-              "mlp_tile": 0},
+              "mlp_tile": 0, "residual_dtype": "compute"},
     "quant": {"enabled": True, "quant_type": "nf4", "blocksize": 64, "double_quant": True},
-    "lora": {"rank": 16, "alpha": 32.0, "dropout": 0.05, "targets": ALL, "use_rslora": False, "use_dora": False},
+    "lora": {"rank": 16, "alpha": 32.0, "dropout": 0.05, "targets": ALL, "use_rslora": False, "use_dora": False,
+             "fp32_output": False},
     "data": {"train_path": "", "eval_path": "", "eval_fraction": 0.02, "seq_len": 256, "packing": True,
              "max_train_records": 0},
     "optim": {"learning_rate": 1e-3, "schedule": "constant", "warmup_ratio": 0.03, "final_lr_ratio": 0.0,
@@ -194,6 +196,8 @@ BAD = [  # (flags, the dotted path the message must name)
     ({"data.eval_fraction": "-0.1"}, "data.eval_fraction"),
     ({"lora.use_dora": "true", "lora.rank": "0"}, "lora.use_dora"),
     ({"lora.use_dora": "sometimes"}, "lora.use_dora"),
+    ({"model.residual_dtype": "bfloat16"}, "model.residual_dtype"),
+    ({"lora.fp32_output": "maybe"}, "lora.fp32_output"),
     ({"data.seq_len": "1"}, "data.seq_len"),
     ({"data.packing": "2"}, "data.packing"),
     ({"data.max_train_records": "-1"}, "data.max_train_records"),
@@ -262,7 +266,7 @@ def test_sections_validate_when_built_directly():
 
 @pytest.mark.parametrize("argv, message", [
     (["--lora.rnk", "3"],
-     "unknown key lora.rnk; valid keys of lora: rank, alpha, dropout, targets, use_rslora, use_dora"),
+     "unknown key lora.rnk; valid keys of lora: rank, alpha, dropout, targets, use_rslora, use_dora, fp32_output"),
     (["--lora.rnk=3"], "unknown key lora.rnk; valid keys of lora"),
     (["--optim.lr", "3"], "valid keys of optim: learning_rate, schedule"),
     (["--lra.rank", "3"], "sections model, quant, lora, data, optim, loop, checkpoint, output, mesh"),
@@ -276,7 +280,7 @@ def test_unknown_cli_flags(argv, message):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("lora: {rnk: 3}", "unknown key lora.rnk; valid keys of lora: rank, alpha, dropout, targets, use_rslora, use_dora"),
+    ("lora: {rnk: 3}", "unknown key lora.rnk; valid keys of lora: rank, alpha, dropout, targets, use_rslora, use_dora, fp32_output"),
     ("checkpoint: {evry: 3}", "valid keys of checkpoint: every, keep, resume"),
     ("lra: {rank: 3}", "unknown section 'lra'; valid sections: model, quant, lora, data, optim"),
     ("lora: 3", "section lora must be a mapping"),
@@ -364,3 +368,28 @@ def test_conversions():
     assert ModelSection().compute_dtype("cpu") == "float32"
     assert ModelSection().compute_dtype("gpu") == "bfloat16"
     assert ModelSection(dtype="bfloat16").compute_dtype("cpu") == "bfloat16"
+    assert ModelSection(residual_dtype="compute").residual("gpu") == "bfloat16"
+    assert ModelSection(residual_dtype="float32").residual("gpu") == "float32"
+    assert LoraSection(fp32_output=True).to_lora_config().fp32_output
+
+
+def test_precision_options_reach_the_model(tmp_path, monkeypatch):
+    """``--model.residual_dtype`` and ``--lora.fp32_output``: what ``run`` hands the loader, resolved per platform."""
+    from qlora_jax.train import loop
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake(path, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(loop, "from_pretrained", fake)
+    for argv, residual in (([], "float32"), (["--model.dtype", "bfloat16"], "bfloat16"),
+                           (["--model.dtype", "bfloat16", "--model.residual_dtype", "float32",
+                             "--lora.fp32_output", "true"], "float32")):
+        with pytest.raises(Stop):
+            loop.run(parse_config(argv + ["--output.dir", str(tmp_path / "out")]))
+        assert seen["residual_dtype"] == np.dtype(residual) and seen["lora"].fp32_output == ("--lora.fp32_output" in argv)
