@@ -25,6 +25,9 @@ measured peak device bytes over that prediction (the planner's validation).
 * ours-lora: the same with the base unquantized (bf16 storage);
 * ours-qlora-offload: ours-qlora with remat "offload" (each layer's saved input in
   pinned host memory until its backward; the same program as "full" on a CPU);
+* ours-qlora-res32: ours-qlora with a float32 residual stream (``residual_dtype``);
+  ours-qlora-res32-lora32: that, with each LoRA term computed and added in float32
+  (``LoraConfig.fp32_output``): the precision options, which matter in bf16 (``--dtype``);
 * torch-qlora: transformers + peft + bitsandbytes (``BitsAndBytesConfig`` nf4, double
   quant, ``prepare_model_for_kbit_training``), when torch imports;
 * torch-lora: transformers + peft on the unquantized model, checkpointing on.
@@ -47,7 +50,8 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("ours-qlora", "ours-lora", "ours-qlora-offload", "torch-qlora", "torch-lora", "quant-ours", "quant-bnb")
+VARIANTS = ("ours-qlora", "ours-lora", "ours-qlora-offload", "torch-qlora", "torch-lora", "quant-ours", "quant-bnb",
+            "ours-qlora-res32", "ours-qlora-res32-lora32")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -108,7 +112,8 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_ours(folder: str, quantized: bool, args, remat: str = "full") -> dict:
+def run_ours(folder: str, quantized: bool, args, remat: str = "full", residual32: bool = False,
+             lora32: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -121,11 +126,12 @@ def run_ours(folder: str, quantized: bool, args, remat: str = "full") -> dict:
     from qlora_jax.train.step import make_train_step
 
     dtype = jnp.dtype(compute_dtype(args, jax.default_backend() != "cpu"))
-    lora = LoraConfig(rank=args.rank, alpha=2.0 * args.rank, dropout=0.0, targets=TARGETS)
+    lora = LoraConfig(rank=args.rank, alpha=2.0 * args.rank, dropout=0.0, targets=TARGETS, fp32_output=lora32)
     quant = QuantConfig() if quantized else None
+    residual = jnp.dtype(jnp.float32 if residual32 else dtype)
     t0 = time.perf_counter()
-    model, variables, _ = from_pretrained(folder, quantization=quant, lora=lora,
-                                          dtype=dtype, key=jax.random.key(0), remat=remat)
+    model, variables, _ = from_pretrained(folder, quantization=quant, lora=lora, dtype=dtype, key=jax.random.key(0),
+                                          remat=remat, residual_dtype=residual)
     load_s = time.perf_counter() - t0  # from_pretrained waits for every tensor's conversion
     params, frozen = split_trainable(variables)
     tx = make_optimizer(OptimizerConfig(learning_rate=1e-4, max_grad_norm=None, warmup_ratio=0.0), 1000)
@@ -148,7 +154,7 @@ def run_ours(folder: str, quantized: bool, args, remat: str = "full") -> dict:
                peak_bytes=peak, peak_kind="device" if "peak_bytes_in_use" in stats else "rss")
     if args.plan:
         out["planned_bytes"] = plan(model.config, batch=b, seq_len=t, lora=lora, quant=quant, remat=remat,
-                                    compute_dtype=jnp.dtype(dtype).name).device_bytes
+                                    compute_dtype=jnp.dtype(dtype).name, residual_dtype=residual.name).device_bytes
     return out
 
 
@@ -275,7 +281,8 @@ def run_variant(name: str, args) -> dict:
     folder = model_folder(args)
     quantized = "qlora" in name
     if name.startswith("ours"):
-        out = run_ours(folder, quantized, args, remat="offload" if name.endswith("-offload") else "full")
+        out = run_ours(folder, quantized, args, remat="offload" if name.endswith("-offload") else "full",
+                       residual32="-res32" in name, lora32=name.endswith("-lora32"))
     else:
         out = run_torch(folder, quantized, args)
     out["tokens_per_s"] = args.batch * args.seq_len / out["step_s"]
@@ -298,7 +305,8 @@ def table(results: dict, args) -> str:
             lines.append(f"| {name} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['peak_bytes'] / 2**30:.2f} GiB "
                          f"({r['peak_kind']}) | {r['loss']:.4f} | {r['load_s']:.1f} s | {_planned(r)} |")
     for ours, theirs in (("ours-qlora", "torch-qlora"), ("ours-lora", "torch-lora"), ("ours-qlora", "ours-lora"),
-                         ("ours-qlora-offload", "ours-qlora")):
+                         ("ours-qlora-offload", "ours-qlora"), ("ours-qlora-res32", "ours-qlora"),
+                         ("ours-qlora-res32-lora32", "ours-qlora")):
         if ok(ours) and ok(theirs):
             a, b = results[ours], results[theirs]
             lines.append(f"| {ours} / {theirs} | {a['step_s'] / b['step_s']:.2f}x time | "
@@ -349,7 +357,7 @@ def main(argv=None):
                     help="compute dtype of both stacks (auto: bfloat16 on a GPU, float32 on a CPU)")
     ap.add_argument("--no-plan", dest="plan", action="store_false",
                     help="skip the planner's prediction for ours-* (scripts/plan_curve.py plans it in parallel)")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(VARIANTS[:7]))
     ap.add_argument("--cache", default=".cache/bench")
     ap.add_argument("--json")
     ap.add_argument("--markdown")

@@ -92,7 +92,8 @@ limit() {
 read -r -a e2e <<< "${GPU_E2E_ARGS:---model random:llama-3-8b --batch 4 --seq-len 512 --steps 5 --variants ours-qlora,torch-qlora,quant-ours,quant-bnb --quant-layers 4}"
 [[ "${1:-}" == "--dry-run" ]] && e2e=(--model "$out/tiny" --batch 2 --seq-len 32 --rank 4 --steps 1
   --variants ours-qlora,torch-qlora,quant-ours,quant-bnb --quant-model smollm2-135m)
-# offload: the timed steps only; the plan stage plans the same two steps (8 layers, 1 x 8192, r = 32) in parallel
+# offload: the timed steps only (with the float32 residual stream and float32 LoRA terms beside them: their
+# step-time and memory cost); the plan stage plans the first two steps (8 layers, 1 x 8192, r = 32) in parallel
 read -r -a offload <<< "${GPU_OFFLOAD_ARGS:---model random:llama-3-8b --layers 8 --batch 1 --seq-len 8192 --rank 32 --steps 3 --no-plan}"
 [[ "${1:-}" == "--dry-run" ]] && offload=(--model "$out/tiny" --batch 1 --seq-len 64 --rank 4 --steps 1)
 # plan: the planner compiled for this machine, many plans at once (scripts/plan_curve.py): Llama-3-8B's curves
@@ -153,9 +154,10 @@ stage_e2e() {
 }
 
 stage_offload() {
-  echo "[gpu_check] activation offload: remat offload against remat full" | tee -a "$log"
+  echo "[gpu_check] activation offload and the precision options against remat full in bf16" | tee -a "$log"
   tiny_model "$@"
-  (cd /tmp && limit 300 "$python" "$repo/scripts/bench.py" "${offload[@]}" --variants ours-qlora,ours-qlora-offload \
+  (cd /tmp && limit 420 "$python" "$repo/scripts/bench.py" "${offload[@]}" \
+    --variants ours-qlora,ours-qlora-offload,ours-qlora-res32,ours-qlora-res32-lora32 \
     --cache /tmp/qlora_bench_cache --json "$out/offload.json" --markdown "$out/offload.md" 2>&1) | tee -a "$log" > "$out/offload.stdout"
   offload_rc=${PIPESTATUS[0]}
 }

@@ -7,8 +7,9 @@ from qlora_jax.models.decoder import CausalLM, init_cache
 from qlora_jax.models.decoder import CausalLM as LlamaForCausalLM
 from qlora_jax.models.export import load_peft_adapter, save_merged, save_peft_adapter
 from qlora_jax.models.family import Family, families, family_of
-from qlora_jax.models.generate import generate
+from qlora_jax.models.generate import complete, generate, generate_batch, stream, stream_text
 from qlora_jax.models.loaders import from_pretrained
+from qlora_jax.models.sampling import SamplingConfig
 from qlora_jax.models.weights import variables_from_tensors
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "LoraConfig",
     "ModelConfig",
     "RopeScaling",
+    "SamplingConfig",
+    "complete",
     "config_from_gguf",
     "families",
     "family_of",
@@ -26,9 +29,12 @@ __all__ = [
     "from_hf_config",
     "from_pretrained",
     "generate",
+    "generate_batch",
     "init_cache",
     "load_peft_adapter",
     "save_merged",
     "save_peft_adapter",
+    "stream",
+    "stream_text",
     "variables_from_tensors",
 ]

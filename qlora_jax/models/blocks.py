@@ -130,7 +130,8 @@ class SelfAttention(Sublayer):
     """``__call__(x, positions, segment_ids, kv, index, kind, deterministic) -> (out, new kv)``.
 
     ``kv`` is this layer's ``{"k", "v"}`` cache (``(B, S, KV, head_dim)`` each) or ``None``;
-    ``index`` is where the new keys go; ``kind`` is the layer's ``FULL`` / ``SLIDING``.
+    ``index`` is then ``(slot, start)``: the slot where the new keys go, and each row's first
+    slot that is not left padding (``(B,)``); ``kind`` is the layer's ``FULL`` / ``SLIDING``.
     """
 
     def project(self, x, deterministic):
@@ -167,12 +168,16 @@ class SelfAttention(Sublayer):
         c = self.config
         inv_freq, scale = rope_frequencies(c, positions, local=window is not None)
         q, k = apply_rope(q, positions, inv_freq, scale), apply_rope(k, positions, inv_freq, scale)
+        q_pos = positions
         if kv is None:
             keys, values, k_pos, k_seg, k_valid, new_kv = k, v, positions, segment_ids, None, None
-        else:
-            keys, values, k_pos, k_valid, new_kv = update_cache(kv, index, k, v)
-            k_seg = None
-        out = attention(q.astype(self.dtype), keys.astype(self.dtype), values.astype(self.dtype), q_positions=positions,
+        else:  # the mask in cache slots (a row's rope positions start after its left padding)
+            slot, start = index
+            keys, values, k_pos, k_valid, new_kv = update_cache(kv, slot, k, v)
+            k_valid &= k_pos >= start[:, None]
+            q_pos = jnp.broadcast_to(slot + jnp.arange(q.shape[1])[None, :], positions.shape)
+            k_seg = segment_ids = None
+        out = attention(q.astype(self.dtype), keys.astype(self.dtype), values.astype(self.dtype), q_positions=q_pos,
                         kv_positions=k_pos, q_segment_ids=segment_ids, kv_segment_ids=k_seg, kv_valid=k_valid,
                         window=window, scale=c.attn_scale, softcap=c.attn_softcap, implementation=self.attention)
         return out, new_kv

@@ -119,9 +119,12 @@ class CausalLM(nn.Module):
         b, t = tokens.shape
         if cache is not None:
             _check_cache(cache, c)
-        if positions is None:
-            start = 0 if cache is None else cache["index"]
-            positions = jnp.broadcast_to(jnp.arange(t)[None, :] + start, (b, t))
+        if cache is not None:
+            cache = {"start": jnp.zeros((b,), jnp.int32), **cache}
+        if positions is None:  # with a cache: slots, less each row's left padding
+            slots = jnp.arange(t)[None, :] + (0 if cache is None else cache["index"])
+            positions = jnp.broadcast_to(slots if cache is None else jnp.maximum(slots - cache["start"][:, None], 0),
+                                         (b, t))
         embedding = self.variable(FROZEN, "embed_tokens", self._random_table).value
         embedding = jax.lax.stop_gradient(embedding)
         h = jnp.take(embedding, tokens, axis=0).astype(self.residual_dtype or self.dtype)
@@ -131,7 +134,7 @@ class CausalLM(nn.Module):
             c, self.lora, self.quant, self.dtype, self.backend, self.attention, deterministic=deterministic,
             mlp_tile=self.mlp_tile, name="layers")
         kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-        h, new_kv = layers(h, positions, segment_ids, kv, None if cache is None else cache["index"],
+        h, new_kv = layers(h, positions, segment_ids, kv, None if cache is None else (cache["index"], cache["start"]),
                            jnp.asarray(layer_kinds(c)))
         h = norm(c, "norm")(h).astype(self.dtype)
         if return_hidden:
@@ -146,7 +149,7 @@ class CausalLM(nn.Module):
         logits = soft_cap(logits, c.final_softcap)
         if cache is None:
             return logits
-        return logits, {**new_kv, "index": cache["index"] + t}
+        return logits, {**new_kv, "index": cache["index"] + t, "start": cache["start"]}
 
     def _random_table(self) -> jax.Array:
         """A fresh ``(vocab, hidden)`` bf16 table, N(0, 0.02^2), for a model built without weights."""
@@ -155,8 +158,8 @@ class CausalLM(nn.Module):
 
 
 def _check_cache(cache, config: ModelConfig) -> None:
-    if not isinstance(cache, dict) or set(cache) != {"k", "v", "index"}:
-        raise ValueError("cache must be init_cache's {'k', 'v', 'index'} (one stacked array per k and v, "
+    if not isinstance(cache, dict) or not {"k", "v", "index"} <= set(cache) <= {"k", "v", "index", "start"}:
+        raise ValueError("cache must be init_cache's {'k', 'v', 'index', 'start'} (one stacked array per k and v, "
                          f"layers on axis 0); got {type(cache).__name__} "
                          f"{sorted(cache) if isinstance(cache, dict) else ''}")
     if cache["k"].shape[0] != config.num_hidden_layers:
@@ -170,7 +173,14 @@ def head_table(config: ModelConfig, variables) -> jax.Array:
     return frozen["embed_tokens"] if config.tie_word_embeddings else frozen["lm_head"]
 
 
-def init_cache(config: ModelConfig, batch: int, max_length: int, dtype=jnp.bfloat16) -> dict[str, jax.Array]:
-    """An empty KV cache, stacked like the layers: ``k, v`` of ``(L, batch, max_length, KV, head_dim)`` and a fill index."""
+def init_cache(config: ModelConfig, batch: int, max_length: int, dtype=jnp.bfloat16, start=None) -> dict[str, jax.Array]:
+    """An empty KV cache, stacked like the layers: ``k, v`` of ``(L, batch, max_length, KV, head_dim)``, a fill index.
+
+    ``start`` ``(batch,)``: each row's left padding, in slots (zeros when None). Slots before a
+    row's start are never attended to, and its positions (rope) count from its start, so
+    prompts of different lengths share one batch left-padded (``qlora_jax.models.generate``).
+    """
     shape = (config.num_hidden_layers, batch, max_length, config.num_key_value_heads, config.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)}
+    start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32).reshape(batch)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32),
+            "start": start}

@@ -11,6 +11,8 @@ re-quantizing. ``quantization=None`` loads a float base (parity tests, bf16 LoRA
 ``attention`` names the attention implementation (``qlora_jax.models.attention``); ``mlp_tile``
 computes the MLP over sequence tiles of that many tokens (``qlora_jax.models.blocks.tiled_mlp``);
 ``residual_dtype`` is the residual stream's dtype (``qlora_jax.models.decoder``; None: ``dtype``).
+``adapter`` names a PEFT LoRA folder (ours or peft's): its ``adapter_config.json`` replaces
+``lora`` and its weights the fresh adapter, so ``model.apply(variables, tokens)`` is base plus adapter.
 The family (``qlora_jax.models.family``) comes from ``config.json``'s ``model_type`` or the
 GGUF's ``general.architecture``. An error about a file's content names the file, and the
 tensor where there is one.
@@ -18,6 +20,7 @@ tensor where there is one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -48,6 +51,7 @@ def from_pretrained(
     attention: str = "auto",
     mlp_tile: int = 0,
     residual_dtype=None,
+    adapter: str | os.PathLike | None = None,
 ) -> tuple[CausalLM, dict[str, Any], TextTokenizer | None]:
     """Loads a model for QLoRA; see the module docstring. The tokenizer is ``None`` if the folder has none."""
     path = os.fspath(path)
@@ -68,15 +72,39 @@ def from_pretrained(
         has_tokenizer = os.path.exists(os.path.join(path, "tokenizer.json"))
         read_tokenizer = lambda: tokenizer_from_hf_folder(path) if has_tokenizer else None  # noqa: E731
         where = lambda: tensors.current or path  # noqa: E731
+    if adapter is not None:
+        from qlora_jax.models.export import load_peft_adapter
+
+        adapter_params, adapter_lora = load_peft_adapter(adapter, num_layers=config.num_hidden_layers)
+        lora = dataclasses.replace(adapter_lora, fp32_output=lora.fp32_output)  # a precision option, not the adapter's
     try:
         variables = variables_from_tensors(config, tensors, quant=quantization, lora=lora, key=key,
                                            base_dtype=base_dtype)
     except ValueError as e:
         message = str(e)
         raise ValueError(message if message.startswith(where()) else f"{where()}: {message}") from None
+    if adapter is not None:
+        variables["params"] = _adapter_params(os.fspath(adapter), variables["params"], adapter_params)
     model = CausalLM(config, lora, quant=quantization, dtype=dtype, remat=remat, attention=attention,
                      mlp_tile=mlp_tile, residual_dtype=residual_dtype)
     return model, variables, read_tokenizer()
+
+
+def _adapter_params(adapter: str, fresh: dict[str, Any], loaded: dict[str, Any]) -> dict[str, Any]:
+    """The adapter's LoRA leaves in place of the fresh ones, after checking they fit this model."""
+    fresh_flat = dict(jax.tree_util.tree_flatten_with_path(fresh)[0])
+    loaded_flat = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
+    name = lambda path: "/".join(str(getattr(k, "key", k)) for k in path)  # noqa: E731
+    extra = sorted(name(p) for p in set(loaded_flat) - set(fresh_flat))
+    missing = sorted(name(p) for p in set(fresh_flat) - set(loaded_flat))
+    if extra or missing:
+        raise ValueError(f"{adapter} does not fit this model: adapter tensors {extra[:4]} have no place, "
+                         f"and {missing[:4]} are missing")
+    for path, leaf in fresh_flat.items():
+        if tuple(loaded_flat[path].shape) != tuple(leaf.shape):
+            raise ValueError(f"{adapter}: {name(path)} has shape {tuple(loaded_flat[path].shape)}, this model needs "
+                             f"{tuple(leaf.shape)} (an adapter of another model?)")
+    return jax.tree.map(lambda f, a: jnp.asarray(a, f.dtype), fresh, loaded)
 
 
 def safetensors_files(folder: str) -> list[str]:

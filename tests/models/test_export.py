@@ -111,3 +111,30 @@ def test_merged_tensors_fold_the_adapter(rng):
     expect = cfg_tensors["model.layers.0.self_attn.q_proj.weight"] + 2.0 * (np.asarray(ab["lora_a"][0]) @ np.asarray(ab["lora_b"][0])).T
     np.testing.assert_allclose(out["model.layers.0.self_attn.q_proj.weight"], expect, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(out["model.layers.0.self_attn.k_proj.weight"], cfg_tensors["model.layers.0.self_attn.k_proj.weight"])
+
+
+@pytest.mark.oracle
+def test_from_pretrained_with_an_adapter(rng, tmp_path):
+    """``from_pretrained(folder, adapter=...)``: the adapter's config and weights in one call, the same logits
+    as the variables it was saved from; an adapter of another model's shape is refused by name."""
+    import torch
+    import transformers
+
+    from qlora_jax.models.loaders import from_pretrained
+
+    hf, config, v = _setup()
+    hf.save_pretrained(tmp_path / "model")
+    save_peft_adapter(tmp_path / "adapter", v["params"], LORA)
+    model, loaded, _ = from_pretrained(tmp_path / "model", quantization=None, dtype=jnp.float32,
+                                       base_dtype=jnp.float32, adapter=tmp_path / "adapter")
+    assert model.lora == LORA
+    tokens = jnp.asarray(rng.integers(0, 256, (1, 7)))
+    want = LlamaForCausalLM(config, LORA, quant=None, dtype=jnp.float32).apply(v, tokens)
+    np.testing.assert_allclose(np.asarray(model.apply(loaded, tokens)), np.asarray(want), rtol=1e-6, atol=1e-6)
+    torch.manual_seed(1)
+    other = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2))
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"adapter: layers/.*/lora_a has shape \(2, \d+, 4\), this model needs \(2, \d+, 4\)"):
+        from_pretrained(tmp_path / "other", quantization=None, adapter=tmp_path / "adapter")
