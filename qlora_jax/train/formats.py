@@ -27,7 +27,9 @@ and masks), after these steps:
      ``alpaca``. The chat template is preferred because the model then sees instructions as it
      will at inference through the same template, as conversations already are.
 
-A record with fields of more than one format (``conversations`` beside ``messages``, say) is
+A field whose value is null counts as absent (at the top level and in a ShareGPT turn): a table
+has every column in every row, null where a record lacks it, and ``datasets``' JSON writes those
+nulls. A record with fields of more than one format (``conversations`` beside ``messages``, say) is
 bad. Errors are ``RecordError`` naming the field as the record spells it.
 """
 
@@ -99,6 +101,7 @@ def _sharegpt(turns: Any) -> list[dict[str, str]]:
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise RecordError(f"field 'conversations'[{i}] must be an object, got {type(turn).__name__}")
+        turn = {k: v for k, v in turn.items() if v is not None}  # a table's struct has every entry's fields
         role, content = ("from", "value") if "from" in turn or "value" in turn else ("role", "content")
         for field in (role, content):
             if field not in turn:
@@ -140,6 +143,7 @@ def canonical(record: Any, columns: Mapping[str, str] | None = None, instruction
         raise ValueError(f"{instruction_format=} is not one of {INSTRUCTION_FORMATS}")
     if not isinstance(record, dict):
         return record
+    record = {k: v for k, v in record.items() if v is not None}
     if columns:
         record = _rename(record, columns)
     formats = [f for f, fields in FORMATS.items() if any(k in record for k in fields)]

@@ -29,7 +29,7 @@
   (``dataset_dict.json``) is refused with its split folders named: give one of them.
 
 A table row becomes a dict of its columns (``to_pylist``: nested lists and structs as lists
-and dicts); a null value counts as an absent field. Only ``columns`` (the fields the record
+and dicts; nulls as None, which ``formats.canonical`` reads as absent fields). Only ``columns`` (the fields the record
 formats read) are decoded, when given. Positions and keys of tables are the 0-based row
 numbers across the whole table; named "row N". A file that cannot be opened or decoded
 raises ``ValueError`` naming it (and the row group or batch).
@@ -52,7 +52,8 @@ from qlora_jax.train.records import RecordError
 ARROW_SUFFIXES = (".arrow", ".feather", ".ipc")
 SCAN_ROWS = 1024  # rows turned into Python objects at a time while scanning a table
 CACHE_BYTES = 256 << 20  # decoded row groups / batches kept per table source
-_CHUNK = 1 << 20  # bytes read at a time from a JSON array
+_CHUNK = 1 << 18  # bytes read at a time while scanning a JSON array
+_READ_CHUNK = 1 << 14  # first read for one element (doubling while it is incomplete)
 _SPACE = re.compile(r"[ \t\r\n]*")
 
 
@@ -141,7 +142,7 @@ class JsonArray(Source):
             window = _Window(f, self.path)
             if window.skip_space() != "[":
                 raise ValueError(f"{self.path}: a JSON array must start with '['")
-            window.pos += 1
+            window.advance(window.pos + 1)
             index = 0
             while True:
                 c = window.skip_space()
@@ -155,8 +156,8 @@ class JsonArray(Source):
                     break
                 if c != ",":
                     window.fail(f"expected ',' or ']' after element {index - 1}, got {c or 'the end'!r}")
-                window.pos += 1
-            window.pos += 1
+                window.advance(window.pos + 1)
+            window.advance(window.pos + 1)
             if window.skip_space():
                 window.fail("data after the array's closing ']'")
 
@@ -164,7 +165,7 @@ class JsonArray(Source):
         if self._file is None:
             self._file = open(self.path, "rb")
         self._file.seek(key)
-        window = _Window(self._file, self.path, key)
+        window = _Window(self._file, self.path, key, _READ_CHUNK)
         try:
             return window.value()[1]
         except ValueError as err:
@@ -182,8 +183,8 @@ class JsonArray(Source):
 class _Window:
     """Decoded text of a binary file from byte ``start`` on, read as needed: ``buf[pos]`` is at byte ``byte``."""
 
-    def __init__(self, f, path: str, start: int = 0):
-        self.f, self.path, self.eof = f, path, False
+    def __init__(self, f, path: str, start: int = 0, chunk: int = _CHUNK):
+        self.f, self.path, self.eof, self.chunk = f, path, False, chunk
         self.decoder = codecs.getincrementaldecoder("utf-8")()
         self.buf, self.pos, self.byte = "", 0, start
         if start == 0:
@@ -194,7 +195,7 @@ class _Window:
     def more(self) -> bool:
         if self.eof:
             return False
-        data = self.f.read(max(_CHUNK, len(self.buf) - self.pos))
+        data = self.f.read(max(self.chunk, len(self.buf) - self.pos))
         try:
             text = self.decoder.decode(data, final=not data)
         except UnicodeDecodeError as err:
@@ -310,6 +311,9 @@ class Table(Source):
         rows = [n for part in self._parts for n in part.rows]
         self._starts = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])
         self._read = None if self.columns is None else [c for c in self.names if c in self.columns]
+        if self._read == []:
+            raise ValueError(f"{path} ({kind}): none of its columns ({', '.join(self.names)}) is a field the record "
+                             f"formats read ({', '.join(self.columns)}); name yours with data.columns (FIELD=COLUMN)")
         self._cache: collections.OrderedDict = collections.OrderedDict()
 
     def __getstate__(self):
@@ -335,23 +339,19 @@ class Table(Source):
             data, start = self._parts[self._chunks[j][0]].load(self._chunks[j][1], self._read), int(self._starts[j])
             for lo in range(0, data.num_rows, SCAN_ROWS):
                 for r, row in enumerate(data.slice(lo, SCAN_ROWS).to_pylist(), start=start + lo):
-                    yield r, r, _present(row)
+                    yield r, r, row
 
     def read(self, key):
         if not 0 <= key < self.num_rows:
             raise RecordError(f"row {key} is past the table's {self.num_rows} rows")
         j = int(np.searchsorted(self._starts, key, side="right")) - 1
-        return _present(self._chunk(j).slice(key - int(self._starts[j]), 1).to_pylist()[0])
+        return self._chunk(j).slice(key - int(self._starts[j]), 1).to_pylist()[0]
 
     def where(self, position, key):
         return f"row {position}"
 
     def close(self):
         self._cache.clear()
-
-
-def _present(row: dict) -> dict:
-    return {k: v for k, v in row.items() if v is not None}
 
 
 def open_source(path: str | os.PathLike, columns: Iterable[str] | None = None) -> Source:
