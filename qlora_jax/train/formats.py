@@ -38,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from qlora_jax.train.records import RecordError
+from qlora_jax.train.records import RecordError, record_shape
 
 INSTRUCTION_FORMATS = ("auto", "chat", "alpaca")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -144,18 +144,28 @@ def canonical(record: Any, columns: Mapping[str, str] | None = None, instruction
     if not isinstance(record, dict):
         return record
     record = {k: v for k, v in record.items() if v is not None}
-    if columns:
-        record = _rename(record, columns)
+    if not columns:
+        return _convert(record, instruction_format, chat)
+    try:
+        return _convert(_rename(record, columns), instruction_format, chat)
+    except RecordError as err:
+        mapping = ",".join(f"{f}={c}" for f, c in columns.items())
+        raise RecordError(f"{err}; with data.columns {mapping} (fields of the record: "
+                          f"{', '.join(map(repr, record)) or 'none'})") from None
+
+
+def _convert(record: dict, instruction_format: str, chat: bool) -> dict:
     formats = [f for f, fields in FORMATS.items() if any(k in record for k in fields)]
     if len(formats) > 1:
-        raise RecordError(f"fields of more than one format: {' and '.join(formats)}"
-                          + (" (data.columns can ignore one: FIELD=)" if not columns else ""))
+        raise RecordError(f"fields of more than one format: {' and '.join(formats)} (data.columns can ignore one: "
+                          "FIELD=)")
     if not formats:
         raise RecordError("none of the formats: needs 'text', 'prompt' + 'completion', 'messages', 'conversations' "
                           f"(ShareGPT) or 'instruction' + 'output' (Alpaca) (fields: {', '.join(map(repr, record)) or 'none'}"
-                          + ("" if columns else "; data.columns maps other names") + ")")
+                          "; data.columns maps other names)")
     if formats == ["ShareGPT"]:
         return {"messages": _sharegpt(record["conversations"])}
     if formats == ["Alpaca"]:
         return _alpaca(record, instruction_format, chat)
+    record_shape(record)  # here, so that a mapped record's errors name the mapping
     return record

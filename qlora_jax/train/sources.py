@@ -259,7 +259,7 @@ class _Part:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        self.path, self.kind = path, kind
+        self.path, self.kind, self.file, self.batches = path, kind, None, None
         try:
             if kind == "Parquet":
                 self.file = pq.ParquetFile(path, memory_map=True)
@@ -287,7 +287,7 @@ class _Part:
         try:
             if self.kind == "Parquet":
                 return self.file.read_row_group(k, columns=columns)
-            batch = self.file.get_batch(k) if hasattr(self, "file") else self.batches[k]
+            batch = self.batches[k] if self.file is None else self.file.get_batch(k)
             return batch if columns is None else batch.select(columns)
         except (pa.ArrowException, OSError) as err:
             unit = "row group" if self.kind == "Parquet" else "record batch"

@@ -160,6 +160,13 @@ def test_column_mapping(tmp_path, tok, rng):
                _load(tmp_path / "tatsu.jsonl", tok, columns=parse_columns(["text="])))
 
 
+def test_column_mapping_names_itself_in_errors():
+    columns = parse_columns(["prompt=question", "completion=answer"])
+    with pytest.raises(RecordError, match=r"'completion' is missing .*; with data.columns prompt=question,"
+                                          r"completion=answer \(fields of the record: 'question', 'reply'\)"):
+        canonical({"question": "a", "reply": "b"}, columns)
+
+
 @pytest.mark.parametrize("items, match", [
     (["prompt"], "must be FIELD=COLUMN"), (["=q"], "must be FIELD=COLUMN"), (["query=q"], "not one of"),
     (["prompt=a", "prompt=b"], "'prompt' is mapped twice"), (["prompt=a", "completion=a"], "column 'a' is mapped twice"),
