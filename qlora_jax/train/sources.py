@@ -96,11 +96,26 @@ class Source:
         self.__init__(**state)
 
 
-class JsonLines(Source):
-    kind = "JSON Lines"
+class _JsonFile(Source):
+    """A JSON file read back by byte offset (the key), through one open handle."""
 
     def __init__(self, path: str):
         self.path, self._file = path, None
+
+    def _at(self, key: int):
+        if self._file is None:
+            self._file = open(self.path, "rb")
+        self._file.seek(key)
+        return self._file
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class JsonLines(_JsonFile):
+    kind = "JSON Lines"
 
     def scan(self):
         offset = 0
@@ -117,25 +132,14 @@ class JsonLines(Source):
                     yield line_no, start, err
 
     def read(self, key):
-        if self._file is None:
-            self._file = open(self.path, "rb")
-        self._file.seek(key)
-        return parse_json(self._file.readline())
+        return parse_json(self._at(key).readline())
 
     def where(self, position, key):
         return f"line {position + 1}"
 
-    def close(self):
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
-
-class JsonArray(Source):
+class JsonArray(_JsonFile):
     kind = "JSON array"
-
-    def __init__(self, path: str):
-        self.path, self._file = path, None
 
     def scan(self):
         with open(self.path, "rb") as f:
@@ -162,22 +166,13 @@ class JsonArray(Source):
                 window.fail("data after the array's closing ']'")
 
     def read(self, key):
-        if self._file is None:
-            self._file = open(self.path, "rb")
-        self._file.seek(key)
-        window = _Window(self._file, self.path, key, _READ_CHUNK)
         try:
-            return window.value()[1]
+            return _Window(self._at(key), self.path, key, _READ_CHUNK).value()[1]
         except ValueError as err:
             raise RecordError(str(err)) from None
 
     def where(self, position, key):
         return f"element {position} (line {_line_at(self.path, key)})"
-
-    def close(self):
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
 
 class _Window:

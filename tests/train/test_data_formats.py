@@ -302,6 +302,10 @@ def test_unreadable_files_are_named(tmp_path, tok, rng):
     bad.write_text('[\n  {"text": "a"},\n  {"text": "b" "c"}\n]')
     with pytest.raises(ValueError, match=r"bad\.json line 3 column 16: invalid JSON: Expecting ',' delimiter"):
         RecordIndex(bad, tok)
+    cut = tmp_path / "cut.json"
+    cut.write_text('[{"text": "a"},\n {"text": "b')
+    with pytest.raises(ValueError, match=r"cut\.json line 2 column 11: invalid JSON: Unterminated string"):
+        RecordIndex(cut, tok)
     tail = tmp_path / "tail.json"
     tail.write_text('[{"text": "a"}] x')
     with pytest.raises(ValueError, match=r"tail\.json line 1 column 17: data after the array's closing"):
