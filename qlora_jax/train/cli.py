@@ -159,7 +159,7 @@ def format_value(value) -> str:
     if value is None:
         return "none"
     if isinstance(value, tuple):
-        return ",".join(map(str, value))
+        return ",".join(map(str, value)) or '""'
     return '""' if value == "" else str(value)
 
 

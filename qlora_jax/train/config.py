@@ -37,6 +37,7 @@ from qlora_jax.optim.chain import SCHEDULES, STATE_BITS, OptimizerConfig
 from qlora_jax.quant.api import check_blocksize
 from qlora_jax.quant.codebooks import QUANT_TYPES
 from qlora_jax.train.cli import FieldDoc, coerce, field_docs, from_tree, hints, parse, section_classes, to_tree
+from qlora_jax.train.formats import INSTRUCTION_FORMATS, parse_columns
 
 DTYPES = ("auto", "float32", "bfloat16")
 RESIDUAL_DTYPES = ("compute", "float32")
@@ -183,14 +184,22 @@ class LoraSection(_Section):
 
 @dataclasses.dataclass(frozen=True)
 class DataSection(_Section):
-    """Training and evaluation conversations (JSONL)."""
+    """Training and evaluation records: files, formats, split and layout (qlora_jax.train.sources, .formats)."""
 
-    train_path: str = _f("", "training JSONL; empty: the chitchat conversations converted to JSONL")
-    eval_path: str = _f("", "evaluation JSONL; empty: a held-out eval_fraction of the training data")
+    train_path: str = _f("", "training data: JSON Lines, a JSON array (.json), Parquet, Arrow/Feather, or a datasets "
+                         "save_to_disk folder; records of text, prompt + completion, messages, ShareGPT "
+                         "conversations or Alpaca instruction/input/output; empty: the chitchat conversations")
+    eval_path: str = _f("", "evaluation data, as train_path; empty: a held-out eval_fraction of the training data")
     eval_fraction: float = _f(0.02, "fraction of the training records held out for eval when eval_path is empty")
     seq_len: int = _f(256, "tokens per training sequence")
     packing: bool = _f(True, "pack several conversations into each sequence")
     max_train_records: int = _f(0, "use at most this many training records; 0: all")
+    columns: tuple[str, ...] = _f((), "comma-separated FIELD=COLUMN: read the record field FIELD (text, prompt, "
+                                  "completion, messages, conversations, instruction, input, output) from COLUMN, "
+                                  "e.g. prompt=question,completion=answer; FIELD= ignores a column named FIELD")
+    instruction_format: str = _f("auto", "how Alpaca records render: chat (user/assistant through the chat "
+                                 "template), alpaca (Alpaca's prompt template as prompt + completion), auto (chat "
+                                 "when the tokenizer has a chat template)", INSTRUCTION_FORMATS)
 
     def _check(self):
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -199,6 +208,7 @@ class DataSection(_Section):
             self._fail("seq_len", "must be >= 2")
         if self.max_train_records < 0:
             self._fail("max_train_records", "must be >= 0 (0: all)")
+        parse_columns(self.columns, "data.columns")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """The trainer's data: fixed-shape batches, packing, the held-out split, a resumable shuffled iterator.
 
-Records (JSONL, three shapes) and their masking rule are in ``records.py``. A ``Batch``
+Records (three shapes) and their masking rule are in ``records.py``, the file formats read
+in ``sources.py`` (JSON Lines, JSON arrays, Parquet, Arrow, ``datasets`` folders) and the record
+formats mapped onto the shapes in ``formats.py`` (ShareGPT, Alpaca, renamed columns). A ``Batch``
 holds five ``(B, T)`` arrays, the same shape every step so the train step compiles once:
 
 - ``tokens`` int32: the input ids; ``pad_id`` where no example is.
@@ -22,12 +24,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
-from qlora_jax.train.records import Example, RecordIndex
+from qlora_jax.train.index import RecordIndex
+from qlora_jax.train.records import Example
 
 logger = logging.getLogger(__name__)
 
@@ -102,15 +105,17 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def in_eval_split(lines: np.ndarray | int, eval_fraction: float, seed: int) -> np.ndarray:
-    """Whether the record on (0-based) line ``lines`` is held out: ``hash(seed, line) < eval_fraction``.
+def in_eval_split(positions: np.ndarray | int, eval_fraction: float, seed: int) -> np.ndarray:
+    """Whether the record at ``positions`` is held out: ``hash(seed, position) < eval_fraction``.
 
-    A record's membership depends on its line number and the seed only, so it is stable
-    across runs, independent of the file's length and of other lines being fixed or broken.
+    A position is a record's 0-based line in JSON Lines, its row in a table, its element in
+    a JSON array (``RecordIndex.positions``). A record's membership depends on its position
+    and the seed only, so it is stable across runs, independent of the file's length and of
+    other records being fixed or broken.
     """
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"{eval_fraction=} must be in [0, 1)")
-    key = np.atleast_1d(np.asarray(lines, np.int64)).astype(np.uint64)
+    key = np.atleast_1d(np.asarray(positions, np.int64)).astype(np.uint64)
     salt = _mix64(np.asarray([seed & 0xFFFFFFFFFFFFFFFF], np.uint64) + np.uint64(0x9E3779B97F4A7C15))
     unit = (_mix64(key ^ salt) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     return unit < eval_fraction
@@ -253,10 +258,14 @@ class TrainData:
 
 def load_data(path: str | os.PathLike, tokenizer, *, eval_path: str | os.PathLike | None = None,
               eval_fraction: float = 0.0, seed: int = 0, add_bos: bool = False, max_len: int | None = None,
-              max_train_records: int | None = None) -> TrainData:
+              max_train_records: int | None = None, columns: Mapping[str, str] | None = None,
+              instruction_format: str = "auto") -> TrainData:
     """Indexes ``path`` (and ``eval_path``) and splits off the held-out records.
 
-    Without ``eval_path``, records with ``in_eval_split(line, eval_fraction, seed)`` are
+    Each is a data file or folder in any format of ``sources.py``, its records in any format
+    of ``formats.py`` (``columns``: ``formats.parse_columns`` of renamed fields;
+    ``instruction_format``: how Alpaca records render). Without ``eval_path``, records with
+    ``in_eval_split(position, eval_fraction, seed)`` are
     held out; with it, all of ``path`` trains and all of ``eval_path`` evaluates
     (``eval_fraction`` is then not used). ``max_train_records`` (0 or None: all) stops indexing ``path``
     once that many training records are found (the held-out records are those met until then).
@@ -269,14 +278,14 @@ def load_data(path: str | os.PathLike, tokenizer, *, eval_path: str | os.PathLik
         raise ValueError(f"{seed=} must be >= 0")
     if max_train_records is not None and max_train_records < 0:
         raise ValueError(f"{max_train_records=} must be >= 0 (0 or None: all)")
-    is_train = None if eval_path or not eval_fraction else (lambda line: not in_eval_split(line, eval_fraction, seed)[0])
-    train = RecordIndex(path, tokenizer, add_bos=add_bos, max_len=max_len, max_records=max_train_records or None,
-                        counts=is_train)
+    is_train = None if eval_path or not eval_fraction else (lambda pos: not in_eval_split(pos, eval_fraction, seed)[0])
+    how = dict(add_bos=add_bos, max_len=max_len, columns=columns, instruction_format=instruction_format)
+    train = RecordIndex(path, tokenizer, max_records=max_train_records or None, counts=is_train, **how)
     if eval_path:
-        evals = RecordIndex(eval_path, tokenizer, add_bos=add_bos, max_len=max_len)
+        evals = RecordIndex(eval_path, tokenizer, **how)
         train_ids, eval_ids = np.arange(len(train)), np.arange(len(evals))
     else:
-        held = in_eval_split(train.lines, eval_fraction, seed)
+        held = in_eval_split(train.positions, eval_fraction, seed)
         evals, train_ids, eval_ids = train, np.flatnonzero(~held), np.flatnonzero(held)
         if not len(train_ids):
             raise ValueError(f"{eval_fraction=} held out all {len(train)} records of {train.path}")

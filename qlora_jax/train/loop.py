@@ -43,6 +43,7 @@ from qlora_jax.train.checkpoint import RunCheckpointer
 from qlora_jax.train.config import TrainConfig
 from qlora_jax.train.data import load_data
 from qlora_jax.train.devices import log_devices
+from qlora_jax.train.formats import parse_columns
 from qlora_jax.train.mesh import batch_sharding, initialize_distributed, make_mesh, shard_tree
 from qlora_jax.train.report import MetricsLog, Progress, plot_losses, read_metrics
 from qlora_jax.train.step import make_eval_step, make_train_step
@@ -131,7 +132,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
                      eval_path=config.data.eval_path or None,
                      eval_fraction=0.0 if config.data.eval_path else config.data.eval_fraction,
                      seed=loop.seed, max_len=config.data.seq_len,
-                     max_train_records=config.data.max_train_records or None)
+                     max_train_records=config.data.max_train_records or None,
+                     columns=parse_columns(config.data.columns), instruction_format=config.data.instruction_format)
     pad_id = tokenizer.eos_id or 0
     seq = config.data.seq_len
     train_iter = data.iterator(loop.batch_size, seq, pack=config.data.packing, pad_id=pad_id)

@@ -1,6 +1,6 @@
-"""Training records from JSONL: the three shapes, their token masks, and a streaming byte-offset index.
+"""Training records: the three shapes, and their tokens and loss masks.
 
-One JSON object per line, in one of three shapes (other fields are ignored):
+A record is a JSON-like object in one of three shapes (other fields are ignored):
 
 - ``{"text": str}``: every token is trained on, and an appended ``eos``.
 - ``{"prompt": str, "completion": str}``: ``encode(prompt) + encode(completion) + [eos]``;
@@ -23,34 +23,25 @@ One JSON object per line, in one of three shapes (other fields are ignored):
 
 Content counts as empty when it is only whitespace; a prompt may be empty.
 
+Files and their readers are in ``sources.py``; other formats (ShareGPT, Alpaca, renamed
+columns) are mapped onto these shapes by ``formats.py``; ``index.RecordIndex`` ties them together.
+
 An ``Example`` holds ``tokens (L,) int32`` and ``trainable (L,) bool``: ``trainable[j]``
 says token ``j`` is in the trained part, so the loss includes predicting it from tokens
 ``< j`` (token 0 has nothing before it and is never a target).
-
-``RecordIndex`` scans a file once, streaming (one line in memory at a time), and keeps
-for each usable record its byte offset (``offsets``, int64), its 0-based line number
-(``lines``) and its token count (``lengths``); records are read back by offset. Bad
-lines (invalid JSON, none of the shapes, empty content, wrong types) are skipped,
-counted and logged; blank lines are skipped silently.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import os
-import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
-
 ROLES = ("system", "user", "assistant")
 SHAPES = {"text": ("text",), "prompt/completion": ("prompt", "completion"), "messages": ("messages",)}
-MAX_REPORTED = 5  # bad lines named in logs and errors
 
 
 class RecordError(ValueError):
@@ -223,116 +214,3 @@ def encode_record(record: Mapping, tokenizer, *, add_bos: bool = False, max_len:
         cut = "" if max_len is None else f" within the first {max_len} tokens"
         raise RecordError(f"no token to train on{cut} ({len(ex)} tokens)")
     return ex
-
-
-def _parse(line: bytes) -> Any:
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise RecordError(f"not UTF-8 ({err.reason} at byte {err.start})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise RecordError(f"invalid JSON: {err.msg} at column {err.colno}") from None
-
-
-class RecordIndex:
-    """Usable records of a JSONL file, indexed in one streaming pass and read back by byte offset.
-
-    Attributes (N usable records): ``offsets (N,) int64`` byte offset of each record's line,
-    ``lines (N,) int64`` its 0-based line number, ``lengths (N,) int32`` its token count,
-    ``trainable (N,) int32`` how many of those are loss targets (token 0 never is); ``num_bad`` and ``bad``
-    (the first ``MAX_REPORTED`` bad lines as ``(1-based line, reason)``).
-
-    Indexing tokenizes every record once (to count tokens and catch records that do not
-    render), cut to ``max_len`` tokens when given (see ``encode_record``). With ``max_records``
-    it stops after that many usable records for which ``counts(line)`` is true (all, without
-    ``counts``). Raises ``ValueError`` naming the file
-    and its first bad lines when no usable record is found.
-    """
-
-    def __init__(self, path: str | os.PathLike, tokenizer, *, add_bos: bool = False, max_len: int | None = None,
-                 max_records: int | None = None, counts: Callable[[int], bool] | None = None):
-        if max_len is not None and max_len < 2:
-            raise ValueError(f"{max_len=} must be >= 2 or None")
-        self.path, self.tokenizer, self.add_bos, self.max_len = os.fspath(path), tokenizer, add_bos, max_len
-        offsets, lines, lengths, trainable, self.bad, self.num_bad = [], [], [], [], [], 0
-        counted, offset = 0, 0
-        with open(self.path, "rb") as f:
-            for line_no, line in enumerate(f):
-                start, offset = offset, offset + len(line)
-                if line_no == 0 and line.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark
-                    line, start = line[3:], start + 3
-                if not line.strip():
-                    continue
-                try:
-                    ex = encode_record(_parse(line), tokenizer, add_bos=add_bos, max_len=max_len)
-                except RecordError as err:
-                    self.num_bad += 1
-                    if len(self.bad) < MAX_REPORTED:
-                        self.bad.append((line_no + 1, str(err)))
-                    continue
-                offsets.append(start), lines.append(line_no)
-                lengths.append(len(ex)), trainable.append(int(ex.trainable[1:].sum()))
-                counted += counts is None or counts(line_no)
-                if max_records is not None and counted >= max_records:
-                    break
-        self.offsets = np.asarray(offsets, np.int64)
-        self.lines = np.asarray(lines, np.int64)
-        self.lengths = np.asarray(lengths, np.int32)
-        self.trainable = np.asarray(trainable, np.int32)
-        self._file, self._lock = None, threading.Lock()
-        if self.num_bad:
-            logger.warning("%s: skipped %d bad record(s) of %d; %s", self.path, self.num_bad,
-                           self.num_bad + len(self), self.bad_summary())
-        if not len(self):
-            raise ValueError(f"no usable records in {self.path}: "
-                             + (f"{self.num_bad} bad line(s); {self.bad_summary()}" if self.num_bad else "it is empty"))
-        logger.info("%s: %d records, %d tokens", self.path, len(self), int(self.lengths.sum()))
-
-    def bad_summary(self) -> str:
-        return "; ".join(f"line {n}: {reason}" for n, reason in self.bad)
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def read(self, i: int) -> dict:
-        """The JSON object of usable record ``i`` (0 <= i < N), read at its byte offset (thread-safe)."""
-        with self._lock:
-            if self._file is None:
-                self._file = open(self.path, "rb")
-            self._file.seek(int(self.offsets[i]))
-            line = self._file.readline()
-        try:
-            return _parse(line)
-        except RecordError as err:
-            raise ValueError(f"{self.path} line {self.lines[i] + 1}: {err} (did the file change since indexing?)") from None
-
-    def example(self, i: int) -> Example:
-        """The tokens and mask of record ``i``; ``ValueError`` if the file changed since indexing."""
-        try:
-            ex = encode_record(self.read(i), self.tokenizer, add_bos=self.add_bos, max_len=self.max_len)
-        except RecordError as err:
-            raise ValueError(f"{self.path} line {self.lines[i] + 1}: {err} (did the file change since indexing?)") from None
-        if len(ex) != self.lengths[i]:
-            raise ValueError(f"{self.path} line {self.lines[i] + 1}: {len(ex)} tokens, indexed as {self.lengths[i]} "
-                             "(did the file or the tokenizer change since indexing?)")
-        return ex
-
-    def close(self) -> None:
-        with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
-
-    def __enter__(self) -> RecordIndex:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __getstate__(self):  # picklable: the open file and the lock are not carried
-        return {k: v for k, v in self.__dict__.items() if k not in ("_file", "_lock")}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state, _file=None, _lock=threading.Lock())

@@ -34,7 +34,7 @@ SPEC_DEFAULTS = {
     "lora": {"rank": 16, "alpha": 32.0, "dropout": 0.05, "targets": ALL, "use_rslora": False, "use_dora": False,
              "fp32_output": False},
     "data": {"train_path": "", "eval_path": "", "eval_fraction": 0.02, "seq_len": 256, "packing": True,
-             "max_train_records": 0},
+             "max_train_records": 0, "columns": [], "instruction_format": "auto"},
     "optim": {"learning_rate": 1e-3, "schedule": "constant", "warmup_ratio": 0.03, "final_lr_ratio": 0.0,
               "max_grad_norm": 0.3, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "state_bits": 32,
               "offload": False, "offload_per_layer": False, "lora_plus_ratio": 1.0},

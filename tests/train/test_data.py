@@ -14,7 +14,8 @@ import pytest
 
 from qlora_jax.train.chitchat import dataset_path, write_chitchat_jsonl
 from qlora_jax.train.data import Batch, BatchIterator, in_eval_split, load_data, make_batch
-from qlora_jax.train.records import Example, RecordError, RecordIndex, encode_record, render_chat
+from qlora_jax.train.index import RecordIndex
+from qlora_jax.train.records import Example, RecordError, encode_record, render_chat
 
 WORDS = ["the", "cat", "sat", "déjà", "vu", "naïve", "12345", "Ωmega", "🙂", "hello,", "world!", "<tag>",
          "x=y+1", "tab\there", "new\nline", "Paris", "QLoRA", "(nf4)"]
@@ -208,18 +209,18 @@ def test_bad_records_skipped_counted_logged(tmp_path, tok, rng, caplog):
     with caplog.at_level(logging.WARNING):
         index = RecordIndex(path, tok)
     assert len(index) == 3 and index.num_bad == 6
-    assert list(index.lines + 1) == [1, 6, 11]
-    assert [n for n, _ in index.bad] == [2, 4, 5, 7, 9]  # first MAX_REPORTED, blank lines not counted
-    assert "invalid JSON" in index.bad[0][1] and "'completion' is missing" in dict(index.bad)[9]
+    assert list(index.positions + 1) == [1, 6, 11]
+    assert [n for n, _ in index.bad] == ["line 2", "line 4", "line 5", "line 7", "line 9"]  # first MAX_REPORTED, blank lines not counted
+    assert "invalid JSON" in index.bad[0][1] and "'completion' is missing" in dict(index.bad)["line 9"]
     assert "skipped 6 bad record(s)" in caplog.text and "line 2: invalid JSON" in caplog.text
     assert [index.read(i) for i in range(3)] == good
 
 
 def test_all_bad_or_empty_file_raises(tmp_path, tok):
     path = _write(tmp_path / "bad.jsonl", ["{oops", {"texts": "a"}, {"messages": "hi"}])
-    with pytest.raises(ValueError, match=r"no usable records in .*bad\.jsonl: 3 bad line\(s\); line 1: invalid JSON"):
+    with pytest.raises(ValueError, match=r"no usable records in .*bad\.jsonl \(JSON Lines\): 3 bad record\(s\); line 1: invalid JSON"):
         RecordIndex(path, tok)
-    with pytest.raises(ValueError, match="empty.jsonl: it is empty"):
+    with pytest.raises(ValueError, match=r"empty.jsonl \(JSON Lines\): it is empty"):
         RecordIndex(_write(tmp_path / "empty.jsonl", []), tok)
 
 
@@ -312,12 +313,12 @@ def test_records_are_streamed_and_read_by_offset(tmp_path, rng):
     index = RecordIndex(path, stub)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert len(index) == 300 and index.offsets.dtype == np.int64 and peak < size / 20, (peak, size)
+    assert len(index) == 300 and index.keys.dtype == np.int64 and peak < size / 20, (peak, size)
     with open(path, "rb") as f:
         raw = f.read()
-    assert all(raw[o:o + 9] == b'{"text": ' for o in index.offsets)
+    assert all(raw[o:o + 9] == b'{"text": ' for o in index.keys)
     with open(path, "r+b") as f:  # rewrite record 200 in place: the index reads the file, not a copy
-        f.seek(int(index.offsets[200]) + 10)
+        f.seek(int(index.keys[200]) + 10)
         f.write(b"Z")
     assert index.read(200)["text"].startswith("Z00 ") and index.read(199)["text"].startswith("199 ")
 
