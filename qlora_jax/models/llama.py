@@ -18,7 +18,8 @@ import flax.linen as nn
 import numpy as np
 
 from qlora_jax.models.blocks import FULL, LLAMA_TARGETS, DecoderLayerBase, LoraConfig, RMSNorm, norm, tiled_mlp
-from qlora_jax.models.config import ModelConfig, common_fields, gguf_common_fields, hf_layer_types
+from qlora_jax.models.config import (ModelConfig, RopeScaling, common_fields, gguf_common_fields, gguf_field,
+                                     hf_layer_types)
 from qlora_jax.models.family import Family, LayerTensor
 
 ALL_TARGETS = LLAMA_TARGETS
@@ -104,7 +105,10 @@ def parse_hf(cfg: dict[str, Any]) -> ModelConfig:
 
 def parse_gguf(meta: Mapping[str, Any], tensor_names: frozenset[str]) -> ModelConfig:
     arch = meta["general.architecture"]
-    return ModelConfig(**gguf_common_fields(meta, tensor_names, model_type=arch), attention_bias=arch == "qwen2")
+    fields = gguf_common_fields(meta, tensor_names, model_type=arch)
+    if meta.get(f"{arch}.rope.scaling.type") == "linear":
+        fields["rope_scaling"] = RopeScaling("linear", factor=float(gguf_field(meta, "rope.scaling.factor")))
+    return ModelConfig(**fields, attention_bias=arch == "qwen2")
 
 
 def hf_config(c: ModelConfig) -> dict[str, Any]:
@@ -136,6 +140,14 @@ def unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
     rows = w.shape[0]
     rest = w.shape[1:]
     return w.reshape(heads, rows // heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's q/k row permutation for ``heads`` heads (``convert_hf_to_gguf.py``'s ``permute``),
+    from Hugging Face's rotate-half layout to its interleaved pairs: ``w.reshape(H, 2, hd/2, in).swapaxes(1, 2)``.
+    ``unpermute_rows`` inverts it."""
+    rows = w.shape[0]
+    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def gguf_tensor(name: str, w: np.ndarray, c: ModelConfig) -> np.ndarray:

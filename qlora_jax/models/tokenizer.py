@@ -31,6 +31,8 @@ class TextTokenizer:
     bos_id: int | None
     eos_id: int | None
     chat_template: str | None = None
+    pad_id: int | None = None
+    gguf_pre: str | None = None  # llama.cpp's pre-tokenizer name (tokenizer.ggml.pre), when read from a GGUF
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -99,13 +101,14 @@ def tokenizer_from_gguf_fields(meta: Mapping[str, Any]) -> TextTokenizer:
         raise ValueError(f"GGUF tokenizer.ggml.model={kind!r} is not supported ('gpt2' byte-level BPE or "
                          "'llama' SentencePiece)")
     return TextTokenizer(tk, meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id"),
-                         meta.get("tokenizer.chat_template"))
+                         meta.get("tokenizer.chat_template"), meta.get("tokenizer.ggml.padding_token_id"),
+                         meta.get("tokenizer.ggml.pre"))
 
 
 def byte_level_bpe_tokenizer(meta: Mapping[str, Any]) -> Tokenizer:
     """GPT-2 style byte-level BPE from ``tokens`` and ``merges``; control tokens are special."""
     tokens = list(meta["tokenizer.ggml.tokens"])
-    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or ()]  # GGUF has no empty arrays
     tk = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if meta.get("tokenizer.ggml.pre") in ("smollm", "starcoder", "refact"):  # digits one by one, as their HF files
@@ -179,7 +182,8 @@ def save_tokenizer(tokenizer: TextTokenizer, folder: str | os.PathLike) -> None:
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     tokenizer.tokenizer.save(os.path.join(folder, "tokenizer.json"))
-    cfg = {"bos_token": tokenizer.token(tokenizer.bos_id) or None, "eos_token": tokenizer.token(tokenizer.eos_id) or None}
+    cfg = {"bos_token": tokenizer.token(tokenizer.bos_id) or None, "eos_token": tokenizer.token(tokenizer.eos_id) or None,
+           "pad_token": tokenizer.token(tokenizer.pad_id) or None}
     if tokenizer.chat_template:
         cfg["chat_template"] = tokenizer.chat_template
     with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
@@ -202,4 +206,4 @@ def tokenizer_from_hf_folder(folder: str | os.PathLike) -> TextTokenizer:
             value = value.get("content")
         return tk.token_to_id(value) if value else None
 
-    return TextTokenizer(tk, token_id("bos_token"), token_id("eos_token"), cfg.get("chat_template"))
+    return TextTokenizer(tk, token_id("bos_token"), token_id("eos_token"), cfg.get("chat_template"), token_id("pad_token"))
