@@ -231,3 +231,34 @@ def test_transformers_reads_the_gguf(tmp_path, rng, kind, dtype):
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
     assert np.abs(got - unrounded).max() <= {"f16": 2e-3, "q8_0": 3e-2}[dtype] * np.abs(unrounded).max()
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == kind
+
+
+@pytest.mark.oracle
+def test_transformers_reads_the_smollm2_tokenizer(tmp_path, rng):
+    """A tiny model with SmolLM2's tokenizer, exported as q8_0: transformers' GGUF tokenizer encodes as ours,
+    carries the chat template, and its model's logits are our loader's on the same file."""
+    import torch
+    import transformers
+
+    from qlora_jax.models.tokenizer import save_tokenizer
+
+    folder = write_tiny_model(str(tmp_path / "hf"), vocab_size=49152)
+    save_tokenizer(GGUFModel(_smollm2_path()).tokenizer, folder)
+    model, v, tok = _with_lora(folder)
+    path = save_gguf(tmp_path / "gguf" / "m.gguf", model.config, v, tok, lora=LORA, dtype="q8_0")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "gguf"), gguf_file="m.gguf")
+    for text in (TEXT, "Numbers 3.14159 and 2025; code: def f(x): return x**2\n", "  spaces  and\ttabs"):
+        assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text), text
+    assert hf_tok.chat_template == tok.chat_template
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    assert hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == tok.apply_chat_template(msgs)
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "gguf"), gguf_file="m.gguf",
+                                                           dtype=torch.float32).eval()
+    ours, v2, _ = from_pretrained(path, quantization=None, lora=LoraConfig(rank=0), dtype=jnp.float32,
+                                  base_dtype=jnp.float32)
+    tokens = rng.integers(0, 49152, (2, 16))
+    with torch.no_grad():
+        want = hf(torch.from_numpy(tokens)).logits.numpy()
+    got = np.asarray(ours.apply(v2, jnp.asarray(tokens)))
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()

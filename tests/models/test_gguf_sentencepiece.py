@@ -193,3 +193,21 @@ def test_bad_tables():
         tokenizer_from_gguf_fields(fields)
     with pytest.raises(ValueError, match="'bert' is not supported"):
         tokenizer_from_gguf_fields({**fields, "tokenizer.ggml.model": "bert"})
+
+
+def test_written_back_by_the_gguf_export(trained):
+    """``gguf_tokenizer_fields`` (what ``save_gguf`` writes) of the tokenizer read from these tables: the same
+    tokens, types, special ids and prefix flag, and scores that rank the joins as the original's do, so
+    the tokenizer read back from them encodes the held-out chitchat as SentencePiece does."""
+    from qlora_jax.models.gguf_vocab import gguf_tokenizer_fields
+    from qlora_jax.train.chitchat import conversations
+
+    sp, fields = trained
+    out = gguf_tokenizer_fields(tokenizer_from_gguf_fields(fields))
+    same = ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id",
+            "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.add_space_prefix")
+    assert {k: out[k] for k in same} == {k: fields[k] for k in same}
+    again = tokenizer_from_gguf_fields(out)
+    held_out = [m["content"] for conv in itertools.islice(conversations(), 3000, 3100) for m in conv]
+    mismatched = [t for t in TEXTS + held_out if again.encode(t) != _sp_encode(sp, t)]
+    assert not mismatched, (len(mismatched), mismatched[:3])
