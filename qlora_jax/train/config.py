@@ -270,6 +270,9 @@ class CheckpointSection(_Section):
             self._fail("keep", "must be >= 1")
 
 
+GGUF_TYPES = ("", "f16", "q8_0", "f32")  # output.export_gguf: off, or the matrices' type in model.gguf
+
+
 @dataclasses.dataclass(frozen=True)
 class OutputSection(_Section):
     """Where the run writes, and what."""
@@ -280,6 +283,9 @@ class OutputSection(_Section):
     plot: bool = _f(True, "plot the loss curves at the end")
     export_peft: bool = _f(True, "export a PEFT adapter (adapter_config.json + safetensors)")
     export_merged: bool = _f(False, "export the base with LoRA merged in (HF safetensors)")
+    export_gguf: str = _f("", "export the base with LoRA merged in as <output.dir>/model.gguf for llama.cpp / "
+                          "Ollama, matrices in f16, q8_0 or f32 (\"\": off); llama, mistral, qwen2, qwen3 models",
+                          choices=GGUF_TYPES)
 
     def _check(self):
         if not self.dir.strip():

@@ -12,7 +12,7 @@
    ``metrics.jsonl``; held-out loss and perplexity every ``loop.eval_every``
    steps; Orbax checkpoints every ``checkpoint.every`` (``checkpoint.resume``
    continues step for step as if never stopped).
-7. End: samples before and after, PEFT adapter (and merged model), ``loss.png``,
+7. End: samples before and after, PEFT adapter (and merged model, GGUF file), ``loss.png``,
    ``summary.json``.
 """
 
@@ -35,6 +35,7 @@ from qlora_jax.layers import merge, split_trainable, trainable_summary
 from qlora_jax.models.config import read_hf_config
 from qlora_jax.models.export import save_merged, save_peft_adapter
 from qlora_jax.models.generate import generate
+from qlora_jax.models.gguf_export import gguf_architecture, save_gguf
 from qlora_jax.models.loaders import from_pretrained
 from qlora_jax.optim import host_shardings, make_optimizer, make_schedule
 from qlora_jax.optim.offload import place_like
@@ -125,6 +126,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
                                                   residual_dtype=jnp.dtype(config.model.residual(platform)))
     if tokenizer is None:
         raise ValueError(f"model.path={model_path} has no tokenizer (tokenizer.json or GGUF tokenizer fields)")
+    if config.output.export_gguf:
+        gguf_architecture(model.config)  # a family the GGUF writer does not cover fails now, not after training
     model = model.clone(backend=config.model.backend)
     log.info("model %s on %s (%s): %s", model_path, platform, dtype.name, trainable_summary(variables))
 
@@ -231,10 +234,16 @@ def run(config: TrainConfig) -> dict[str, Any]:
         log.info("sample after training: %r", summary["sample_after"])
     if config.output.export_peft:
         save_peft_adapter(os.path.join(out, "adapter"), jax.device_get(params), lora, base_model_name_or_path=model_path)
+    merged = None
     if config.output.export_merged:
         base = read_hf_config(model_path) if os.path.isdir(model_path) else None
-        save_merged(os.path.join(out, "merged"), model.config, merge(jax.device_get(params), jax.device_get(frozen)), lora,
-                    base_config=base)
+        merged = save_merged(os.path.join(out, "merged"), model.config,
+                             merge(jax.device_get(params), jax.device_get(frozen)), lora, base_config=base)
+    if config.output.export_gguf:
+        source = merged if merged is not None else merge(jax.device_get(params), jax.device_get(frozen))
+        path = save_gguf(os.path.join(out, "model.gguf"), model.config, source, tokenizer, lora=lora,
+                         dtype=config.output.export_gguf, name=os.path.basename(out), overwrite=True)
+        log.info("wrote %s (%s)", path, config.output.export_gguf)
     if config.output.plot:
         plot_losses(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
     summary.update(_loss_summary(os.path.join(out, "metrics.jsonl")), tokens_per_s=tokens_seen / max(train_seconds, 1e-9),

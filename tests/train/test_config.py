@@ -42,7 +42,7 @@ SPEC_DEFAULTS = {
              "seed": 0, "max_bad_steps": 5, "sample_prompt": "What is the capital of France?", "sample_tokens": 40},
     "checkpoint": {"every": 20, "keep": 2, "resume": False},
     "output": {"dir": "runs/default", "log_every": 1, "progress": True, "plot": True, "export_peft": True,
-               "export_merged": False},
+               "export_merged": False, "export_gguf": ""},
     "mesh": {"data": -1, "fsdp": 1},
 }
 

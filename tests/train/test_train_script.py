@@ -56,7 +56,7 @@ def _losses(out) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def full_run(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    _train(tiny, out)
+    _train(tiny, out, "--output.export_gguf", "q8_0")
     return out
 
 
@@ -74,6 +74,30 @@ def test_outputs(full_run):
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [8, 10, 12]
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["peft_type"] == "LORA" and adapter["r"] == 16
+
+
+def test_gguf_export_is_the_merged_model(full_run, tiny):
+    """``--output.export_gguf q8_0``: model.gguf holds the base (NF4, as trained) with the exported adapter
+    merged in, its matrices q8_0-rounded, and the tokenizer."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    from qlora_jax.models import LoraConfig
+    from qlora_jax.models.export import merged_tensors
+    from qlora_jax.models.gguf_loader import GGUFModel
+    from qlora_jax.models.loaders import from_pretrained
+
+    _, v, tok = from_pretrained(tiny[0], adapter=os.path.join(full_run, "adapter"))
+    lora = json.loads((pathlib.Path(full_run) / "adapter" / "adapter_config.json").read_text())
+    merged = merged_tensors(v, LoraConfig(rank=lora["r"], alpha=lora["lora_alpha"]))
+    gg = GGUFModel(os.path.join(full_run, "model.gguf"))
+    back = dict(gg.tensors())
+    assert sorted(back) == sorted(merged)
+    for name, w in merged.items():
+        want = w if w.ndim == 1 else dequantize(quantize(w, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0)
+        np.testing.assert_array_equal(back[name], want, err_msg=name)
+    assert gg.tokenizer.encode("hello <|im_end|>") == tok.encode("hello <|im_end|>")
+    assert gg.tokenizer.chat_template == tok.chat_template
 
 
 @pytest.mark.oracle
