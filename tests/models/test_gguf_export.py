@@ -262,3 +262,26 @@ def test_transformers_reads_the_smollm2_tokenizer(tmp_path, rng):
         want = hf(torch.from_numpy(tokens)).logits.numpy()
     got = np.asarray(ours.apply(v2, jnp.asarray(tokens)))
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_rope_scaling(tmp_path):
+    """Linear scaling is written as rope.scaling.type / factor and read back; Llama 3.1's llama3 scaling
+    as llama.cpp's rope_freqs tensor, whose divisors are our base over our scaled inverse frequencies."""
+    import dataclasses
+
+    from qlora_jax.models.config import RopeScaling
+    from qlora_jax.models.gguf_export import rope_freqs
+    from qlora_jax.models.rope import _base_inv, inv_frequencies
+
+    model, v, tok = _with_lora(write_tiny_model(str(tmp_path / "hf")))
+    linear = dataclasses.replace(model.config, rope_scaling=RopeScaling("linear", factor=4.0))
+    path = save_gguf(tmp_path / "linear.gguf", linear, v, tok, lora=LORA)
+    assert GGUFModel(path).config.rope_scaling == linear.rope_scaling
+    llama3 = dataclasses.replace(model.config, rope_theta=500000.0, rope_scaling=RopeScaling(
+        "llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64))
+    want = _base_inv(llama3.rope_theta, llama3.rotary_dim) / inv_frequencies(llama3)
+    np.testing.assert_allclose(rope_freqs(llama3), want, rtol=1e-6)
+    assert len(set(np.round(want, 4))) > 2  # kept (1), slowed (8) and blended frequencies all occur
+    path = save_gguf(tmp_path / "llama3.gguf", llama3, v, tok, lora=LORA)
+    stored = {t.name: np.asarray(t.data) for t in GGUFModel(path).reader.tensors}["rope_freqs.weight"]
+    np.testing.assert_array_equal(stored, rope_freqs(llama3))
