@@ -22,9 +22,9 @@ Layout, as llama.cpp's ``convert_hf_to_gguf.py`` writes it and ``gguf_loader`` r
   attention.head_count, attention.head_count_kv, attention.key_length, attention.value_length,
   attention.layer_norm_rms_epsilon, rope.freq_base, rope.dimension_count}``; ``linear`` rope scaling
   as ``rope.scaling.type`` / ``rope.scaling.factor``, Llama 3.1's ``llama3`` scaling as the
-  ``rope_freqs`` tensor of per-frequency divisors (as llama.cpp's converter writes it; transformers'
-  GGUF reader and ours do not read it back). A sliding window (Mistral v0.1) has no key in these
-  architectures: llama.cpp attends to the whole context, which changes nothing within the window.
+  ``rope_freqs`` tensor of per-frequency divisors (as llama.cpp's converter writes it; ours reads it
+  back, ``rope.llama3_from_divisors``; transformers' GGUF reader ignores it). A sliding window
+  (Mistral v0.1) has no key in these architectures: llama.cpp attends to the whole context, which changes nothing within the window.
 * tokenizer: ``gguf_vocab.gguf_tokenizer_fields`` (tokens, types, merges or scores, special ids,
   chat template).
 
@@ -34,8 +34,8 @@ interrupted export never leaves a partial file under the final name.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -99,22 +99,11 @@ def to_gguf_layout(name: str, w: np.ndarray, config: ModelConfig) -> np.ndarray:
 def rope_freqs(config: ModelConfig) -> np.ndarray:
     """Llama 3.1's ``llama3`` rope scaling as llama.cpp's ``rope_freqs``: per frequency, the divisor of
     ``inv_freq`` (1 above ``original / high_freq_factor`` wavelengths, ``factor`` below
-    ``original / low_freq_factor``, a smooth blend between)."""
-    rs = config.rope_scaling
-    dim = config.rotary_dim
-    inv = 1.0 / config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
-    low, high = rs.original_max_position_embeddings / rs.low_freq_factor, rs.original_max_position_embeddings / rs.high_freq_factor
-    out = []
-    for f in inv:
-        wavelen = 2 * math.pi / f
-        if wavelen < high:
-            out.append(1.0)
-        elif wavelen > low:
-            out.append(rs.factor)
-        else:
-            smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
-            out.append(1.0 / ((1 - smooth) / rs.factor + smooth))
-    return np.asarray(out, np.float32)
+    ``original / low_freq_factor``, a smooth blend between; ``rope.inv_frequencies`` has the rule)."""
+    from qlora_jax.models.rope import inv_frequencies
+
+    plain = inv_frequencies(dataclasses.replace(config, rope_scaling=None)).astype(np.float64)
+    return (plain / inv_frequencies(config)).astype(np.float32)
 
 
 def encode_tensor(w: np.ndarray, dtype: str):

@@ -18,7 +18,7 @@ import flax.linen as nn
 import numpy as np
 
 from qlora_jax.models.blocks import FULL, LLAMA_TARGETS, DecoderLayerBase, LoraConfig, RMSNorm, norm, tiled_mlp
-from qlora_jax.models.config import (ModelConfig, RopeScaling, common_fields, gguf_common_fields, gguf_field,
+from qlora_jax.models.config import (ROPE_TENSOR_PREFIX, ModelConfig, RopeScaling, common_fields, gguf_common_fields, gguf_field,
                                      hf_layer_types)
 from qlora_jax.models.family import Family, LayerTensor
 
@@ -108,6 +108,12 @@ def parse_gguf(meta: Mapping[str, Any], tensor_names: frozenset[str]) -> ModelCo
     fields = gguf_common_fields(meta, tensor_names, model_type=arch)
     if meta.get(f"{arch}.rope.scaling.type") == "linear":
         fields["rope_scaling"] = RopeScaling("linear", factor=float(gguf_field(meta, "rope.scaling.factor")))
+    freqs = meta.get(ROPE_TENSOR_PREFIX + "rope_freqs.weight")
+    if freqs is not None:  # Llama 3.1's scaling, as llama.cpp stores it: per-frequency divisors
+        from qlora_jax.models.rope import llama3_from_divisors
+
+        head_dim = fields["head_dim"]
+        fields["rope_scaling"] = llama3_from_divisors(freqs, fields["rope_theta"], head_dim)
     return ModelConfig(**fields, attention_bias=arch == "qwen2")
 
 

@@ -50,6 +50,49 @@ def inv_frequencies(config: ModelConfig, local: bool = False) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
+LLAMA3_ORIGINAL = 8192  # Llama 3.1's original context: the representative llama3_from_divisors reports
+
+
+def llama3_from_divisors(divisors, theta: float, dim: int):
+    """The ``llama3`` ``RopeScaling`` whose ``base_inv / inv_frequencies`` are ``divisors`` (llama.cpp's
+    ``rope_freqs`` tensor), or None when every divisor is 1.
+
+    The divisor ``v`` of a frequency is 1 (short wavelengths), ``factor`` (long ones) or, between,
+    ``1 / ((1 - s) / factor + s)`` with ``s = (orig / wavelen - low) / (high - low)``, linear in
+    ``inv_freq = 2 pi / wavelen``. A line fitted through ``s(inv_freq)`` of the blended frequencies
+    gives the two boundary wavelengths ``orig / low`` (s = 0) and ``orig / high`` (s = 1); the divisors
+    depend on ``orig``, ``low`` and ``high`` only through them, so ``orig`` is reported as
+    ``LLAMA3_ORIGINAL``. Raises ``ValueError`` when the divisors are not of this shape (fewer than two
+    blended frequencies, or a fit that does not reproduce them to 1e-4).
+    """
+    from qlora_jax.models.config import RopeScaling
+
+    v = np.asarray(divisors, np.float64)
+    factor = float(v.max())
+    if np.allclose(v, 1.0):
+        return None
+    inv = _base_inv(theta, dim)
+    if v.shape != inv.shape:
+        raise ValueError(f"rope_freqs has {v.size} divisors; the rotary dim {dim} needs {inv.size}")
+    blended = (v > 1 + 1e-6) & (v < factor * (1 - 1e-6))
+    if blended.sum() < 2:
+        raise ValueError("rope_freqs: fewer than two blended frequencies, the llama3 boundaries are not determined")
+    s = (1 / v[blended] - 1 / factor) / (1 - 1 / factor)
+    slope, intercept = np.polyfit(inv[blended], s, 1)
+    low, high = LLAMA3_ORIGINAL * (-intercept / slope) / (2 * math.pi), LLAMA3_ORIGINAL * ((1 - intercept) / slope) / (2 * math.pi)
+    try:  # s grows with inv_freq, so 0 < low < high; anything else is another scheme
+        rs = RopeScaling("llama3", factor=factor, low_freq_factor=float(low), high_freq_factor=float(high),
+                         original_max_position_embeddings=LLAMA3_ORIGINAL)
+    except ValueError as e:
+        raise ValueError(f"rope_freqs is not llama3 scaling (the fitted boundaries are invalid: {e})") from None
+    probe = ModelConfig(vocab_size=1, hidden_size=dim, intermediate_size=1, num_hidden_layers=1, num_attention_heads=1,
+                        num_key_value_heads=1, head_dim=dim, rope_theta=theta, rope_scaling=rs)
+    back = _base_inv(theta, dim) / inv_frequencies(probe)
+    if not np.allclose(back, v, rtol=1e-4):
+        raise ValueError(f"rope_freqs is not llama3 scaling (the best fit is off by {np.abs(back / v - 1).max():.2g})")
+    return rs
+
+
 def rope_frequencies(config: ModelConfig, positions: jnp.ndarray, local: bool = False) -> tuple[jnp.ndarray, float]:
     """``(inv_freq, m)`` for a call at ``positions`` ``(B, T)``.
 

@@ -264,24 +264,36 @@ def test_transformers_reads_the_smollm2_tokenizer(tmp_path, rng):
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
-def test_rope_scaling(tmp_path):
+def test_rope_scaling(tmp_path, rng):
     """Linear scaling is written as rope.scaling.type / factor and read back; Llama 3.1's llama3 scaling
-    as llama.cpp's rope_freqs tensor, whose divisors are our base over our scaled inverse frequencies."""
+    as llama.cpp's rope_freqs tensor (our base over our scaled inverse frequencies), from which our
+    reader recovers a scaling with the same frequencies, so the logits come back."""
     import dataclasses
 
     from qlora_jax.models.config import RopeScaling
     from qlora_jax.models.gguf_export import rope_freqs
-    from qlora_jax.models.rope import _base_inv, inv_frequencies
+    from qlora_jax.models.rope import _base_inv, inv_frequencies, llama3_from_divisors
 
     model, v, tok = _with_lora(write_tiny_model(str(tmp_path / "hf")))
     linear = dataclasses.replace(model.config, rope_scaling=RopeScaling("linear", factor=4.0))
     path = save_gguf(tmp_path / "linear.gguf", linear, v, tok, lora=LORA)
     assert GGUFModel(path).config.rope_scaling == linear.rope_scaling
-    llama3 = dataclasses.replace(model.config, rope_theta=500000.0, rope_scaling=RopeScaling(
-        "llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64))
+    # wavelengths 2 pi 10000^(j/8): 199 and 628 fall between original / high = 190 and original / low = 760
+    llama3 = dataclasses.replace(model.config, rope_scaling=RopeScaling(
+        "llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=760))
     want = _base_inv(llama3.rope_theta, llama3.rotary_dim) / inv_frequencies(llama3)
     np.testing.assert_allclose(rope_freqs(llama3), want, rtol=1e-6)
-    assert len(set(np.round(want, 4))) > 2  # kept (1), slowed (8) and blended frequencies all occur
-    path = save_gguf(tmp_path / "llama3.gguf", llama3, v, tok, lora=LORA)
+    assert len(set(np.round(want, 4))) == 4  # kept (1), slowed (8) and two blended frequencies
+    path = save_gguf(tmp_path / "llama3.gguf", llama3, v, tok, lora=LORA, dtype="f32")
     stored = {t.name: np.asarray(t.data) for t in GGUFModel(path).reader.tensors}["rope_freqs.weight"]
     np.testing.assert_array_equal(stored, rope_freqs(llama3))
+    ours, v2, _ = from_pretrained(path, quantization=None, lora=LoraConfig(rank=0), dtype=jnp.float32,
+                                  base_dtype=jnp.float32)
+    assert ours.config.rope_scaling.factor == 8.0
+    np.testing.assert_allclose(inv_frequencies(ours.config), inv_frequencies(llama3), rtol=1e-5)
+    tokens = jnp.asarray(rng.integers(0, 258, (1, 40)))
+    want_logits = np.asarray(model.clone(config=llama3).apply(v, tokens))
+    got = np.asarray(ours.apply(v2, tokens))
+    assert np.abs(got - want_logits).max() <= 1e-4 * np.abs(want_logits).max()
+    with pytest.raises(ValueError, match="rope_freqs is not llama3 scaling"):
+        llama3_from_divisors(rng.uniform(1.0, 8.0, 8), 10000.0, 16)
