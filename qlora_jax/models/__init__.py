@@ -7,6 +7,7 @@ from qlora_jax.models.decoder import CausalLM, init_cache
 from qlora_jax.models.decoder import CausalLM as LlamaForCausalLM
 from qlora_jax.models.export import load_peft_adapter, save_merged, save_peft_adapter
 from qlora_jax.models.family import Family, families, family_of
+from qlora_jax.models.gguf_export import save_gguf
 from qlora_jax.models.generate import complete, generate, generate_batch, stream, stream_text
 from qlora_jax.models.loaders import from_pretrained
 from qlora_jax.models.sampling import SamplingConfig
@@ -32,6 +33,7 @@ __all__ = [
     "generate_batch",
     "init_cache",
     "load_peft_adapter",
+    "save_gguf",
     "save_merged",
     "save_peft_adapter",
     "stream",

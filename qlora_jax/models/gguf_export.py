@@ -24,7 +24,8 @@ Layout, as llama.cpp's ``convert_hf_to_gguf.py`` writes it and ``gguf_loader`` r
   as ``rope.scaling.type`` / ``rope.scaling.factor``, Llama 3.1's ``llama3`` scaling as the
   ``rope_freqs`` tensor of per-frequency divisors (as llama.cpp's converter writes it; ours reads it
   back, ``rope.llama3_from_divisors``; transformers' GGUF reader ignores it). A sliding window
-  (Mistral v0.1) has no key in these architectures: llama.cpp attends to the whole context, which changes nothing within the window.
+  (Mistral v0.1) has no key in these architectures: llama.cpp attends to the whole context, which
+  changes nothing within the window (a warning says so).
 * tokenizer: ``gguf_vocab.gguf_tokenizer_fields`` (tokens, types, merges or scores, special ids,
   chat template).
 
@@ -129,15 +130,23 @@ def save_gguf(path: str | os.PathLike, config: ModelConfig, source: Mapping[str,
     written into the file when given (llama.cpp needs it to run the file). An existing ``path`` is
     replaced only with ``overwrite=True``.
     """
+    path = os.fspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    try:
+        return _save(path, config, source, tokenizer, lora, dtype, name)
+    except ValueError as e:  # every error names the file it was writing
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _save(path: str, config: ModelConfig, source: Mapping[str, Any], tokenizer: TextTokenizer | None, lora,
+          dtype: str, name: str) -> str:
     import gguf
 
     from qlora_jax.models.export import merged_tensors
 
-    path = os.fspath(path)
     if dtype not in DTYPES:
         raise ValueError(f"GGUF export dtype={dtype!r} must be one of {DTYPES}")
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     arch = gguf_architecture(config)
     if "frozen" in source:
         if lora is None:
@@ -146,6 +155,7 @@ def save_gguf(path: str | os.PathLike, config: ModelConfig, source: Mapping[str,
     else:
         tensors = {k: np.asarray(v, np.float32) for k, v in source.items()}
     names = gguf_tensor_names(config, tensors)
+    _check_shapes(config, tensors)
     if config.sliding_window is not None:
         log.warning("GGUF export: sliding_window=%d has no key in llama.cpp's %s architecture; it will attend "
                     "to the whole context", config.sliding_window, arch)
@@ -175,6 +185,19 @@ def save_gguf(path: str | os.PathLike, config: ModelConfig, source: Mapping[str,
             os.remove(tmp)
         raise
     return path
+
+
+def _check_shapes(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> None:
+    """Every tensor the config needs is there, in its HF shape (llama.cpp would refuse the file later)."""
+    from qlora_jax.models.weights import expected_shapes
+
+    want = expected_shapes(config)
+    missing = [name for name in want if name not in tensors]
+    if missing:
+        raise ValueError(f"GGUF export: {len(missing)} tensors the config needs are missing, first {missing[:3]}")
+    for name, shape in want.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"GGUF export: tensor {name} has shape {tuple(tensors[name].shape)}, the config needs {shape}")
 
 
 def _write_metadata(w, config: ModelConfig, arch: str, dtype: str, name: str) -> None:
@@ -209,7 +232,8 @@ def _write_tokenizer(w, tokenizer: TextTokenizer, vocab_size: int) -> None:
     from qlora_jax.models.gguf_vocab import gguf_tokenizer_fields
 
     for key, value in gguf_tokenizer_fields(tokenizer, vocab_size).items():
-        if isinstance(value, list):  # GGUF has no empty arrays: add_array leaves a merge-less BPE's merges out  # token types int32, scores float32, tokens and merges strings
+        if isinstance(value, list):  # types int32, scores float32, strings; GGUF has no empty arrays: add_array
+            # leaves them out (a BPE without merges, which llama.cpp cannot run, but our reader reads)
             w.add_array(key, value)
         elif isinstance(value, bool):
             w.add_bool(key, value)

@@ -18,8 +18,8 @@ import flax.linen as nn
 import numpy as np
 
 from qlora_jax.models.blocks import FULL, LLAMA_TARGETS, DecoderLayerBase, LoraConfig, RMSNorm, norm, tiled_mlp
-from qlora_jax.models.config import (ROPE_TENSOR_PREFIX, ModelConfig, RopeScaling, common_fields, gguf_common_fields, gguf_field,
-                                     hf_layer_types)
+from qlora_jax.models.config import (ROPE_TENSOR_PREFIX, ModelConfig, RopeScaling, common_fields, gguf_common_fields,
+                                     gguf_field, hf_layer_types)
 from qlora_jax.models.family import Family, LayerTensor
 
 ALL_TARGETS = LLAMA_TARGETS

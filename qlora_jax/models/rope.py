@@ -79,7 +79,8 @@ def llama3_from_divisors(divisors, theta: float, dim: int):
         raise ValueError("rope_freqs: fewer than two blended frequencies, the llama3 boundaries are not determined")
     s = (1 / v[blended] - 1 / factor) / (1 - 1 / factor)
     slope, intercept = np.polyfit(inv[blended], s, 1)
-    low, high = LLAMA3_ORIGINAL * (-intercept / slope) / (2 * math.pi), LLAMA3_ORIGINAL * ((1 - intercept) / slope) / (2 * math.pi)
+    to_factor = LLAMA3_ORIGINAL / (2 * math.pi)  # orig / wavelen at a boundary inv_freq
+    low, high = to_factor * (-intercept / slope), to_factor * (1 - intercept) / slope
     try:  # s grows with inv_freq, so 0 < low < high; anything else is another scheme
         rs = RopeScaling("llama3", factor=factor, low_freq_factor=float(low), high_freq_factor=float(high),
                          original_max_position_embeddings=LLAMA3_ORIGINAL)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -157,16 +158,27 @@ def test_vocab_padding_and_errors(tmp_path):
     path.write_bytes(b"mine")
     with pytest.raises(FileExistsError, match=str(path)):
         save_gguf(path, model.config, v, tok, lora=LORA)
-    with pytest.raises(ValueError, match="dtype='q4_0'"):
+    with pytest.raises(ValueError, match=re.escape(f"{path}: GGUF export dtype='q4_0'")):  # names the file
         save_gguf(path, model.config, v, tok, lora=LORA, dtype="q4_0", overwrite=True)
     with pytest.raises(ValueError, match="needs lora="):
         save_gguf(path, model.config, v, tok, overwrite=True)
     gemma = ModelConfig(**{**vars(model.config), "model_type": "gemma2", "tie_word_embeddings": True})
     with pytest.raises(ValueError, match="model_type='gemma2' of the gemma family is not covered"):
         save_gguf(path, gemma, v, tok, lora=LORA, overwrite=True)
-    bad = dict(merged_tensors(v, LORA), **{"model.layers.0.mlp.extra.weight": np.ones((2, 2), np.float32)})
+    merged = merged_tensors(v, LORA)
+    bad = dict(merged, **{"model.layers.0.mlp.extra.weight": np.ones((2, 2), np.float32)})
     with pytest.raises(ValueError, match="model.layers.0.mlp.extra.weight"):
         save_gguf(path, model.config, bad, tok, overwrite=True)
+    bad = {k: w for k, w in merged.items() if k != "model.layers.1.mlp.up_proj.weight"}
+    with pytest.raises(ValueError, match="1 tensors the config needs are missing.*layers.1.mlp.up_proj"):
+        save_gguf(path, model.config, bad, tok, overwrite=True)
+    bad = dict(merged, **{"model.norm.weight": np.ones(63, np.float32)})
+    with pytest.raises(ValueError, match=r"model.norm.weight has shape \(63,\), the config needs \(64,\)"):
+        save_gguf(path, model.config, bad, tok, overwrite=True)
+    small = ModelConfig(**{**vars(model.config), "vocab_size": 200})  # fails while writing: the temporary goes
+    with pytest.raises(ValueError, match="258 tokens but the model's vocab_size is 200"):
+        save_gguf(path, small, dict(merged, **{"model.embed_tokens.weight": merged["model.embed_tokens.weight"][:200]}),
+                  tok, overwrite=True)
     assert path.read_bytes() == b"mine" and sorted(os.listdir(tmp_path)) == ["hf", "m.gguf"]  # untouched, no temp left
     save_gguf(path, model.config, v, tok, lora=LORA, overwrite=True)
     assert GGUFModel(path).config.num_hidden_layers == 2
