@@ -112,8 +112,7 @@ def parse_gguf(meta: Mapping[str, Any], tensor_names: frozenset[str]) -> ModelCo
     if freqs is not None:  # Llama 3.1's scaling, as llama.cpp stores it: per-frequency divisors
         from qlora_jax.models.rope import llama3_from_divisors
 
-        head_dim = fields["head_dim"]
-        fields["rope_scaling"] = llama3_from_divisors(freqs, fields["rope_theta"], head_dim)
+        fields["rope_scaling"] = llama3_from_divisors(freqs, fields["rope_theta"], fields["head_dim"])
     return ModelConfig(**fields, attention_bias=arch == "qwen2")
 
 
