@@ -1,9 +1,12 @@
 """The merged model (base + LoRA folded in) as a GGUF file for llama.cpp, Ollama and transformers.
 
 Covered: the Llama family (``llama`` and ``mistral`` as llama.cpp's ``llama`` architecture,
-``qwen2`` as ``qwen2``; SmolLM2 is ``llama``) and Qwen3 (``qwen3``). Other families are refused
-with an error naming them (their writers need more than these tables: Gemma's ``1 + w`` norms and
-soft-caps, Phi-3's fused projections and LongRoPE tables, Mixtral's stacked experts).
+``qwen2`` as ``qwen2``; SmolLM2 is ``llama``), Qwen3 (``qwen3``) and Phi-3 (``phi3``: fused
+``attn_qkv`` / ``ffn_up`` as our tensors are, ``attention.sliding_window``, LongRoPE as the
+``rope_factors_long`` / ``rope_factors_short`` tensors with ``rope.scaling.attn_factor`` and
+``rope.scaling.original_context_length``). Other families are refused with an error naming them
+(Gemma's file fixes what the config says: llama.cpp decides its query scale, Gemma 3's layer
+pattern and local rope base in code; Mixtral's experts are stacked per layer).
 
 Layout, as llama.cpp's ``convert_hf_to_gguf.py`` writes it and ``gguf_loader`` reads it back:
 
@@ -52,7 +55,7 @@ from qlora_jax.models.tokenizer import TextTokenizer
 log = logging.getLogger("qlora_jax.models")
 
 DTYPES = ("f32", "f16", "q8_0")
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # model_type -> GGUF
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}  # -> GGUF
 Q8_BLOCK = 32
 _TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
         "lm_head.weight": "output.weight"}
@@ -61,7 +64,8 @@ _TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "
 def gguf_architecture(config: ModelConfig) -> str:
     """llama.cpp's ``general.architecture`` for ``config``, or an error naming the family that has no writer."""
     if config.model_type not in ARCHITECTURES:
-        raise ValueError(f"GGUF export supports the model types {sorted(ARCHITECTURES)} (families llama, qwen3); "
+        raise ValueError(f"GGUF export supports the model types {sorted(ARCHITECTURES)} (families llama, qwen3, "
+                         "phi3); "
                          f"model_type={config.model_type!r} of the {family_of(config).name} family is not covered")
     if config.model_type == "llama" and (config.attention_bias or config.o_proj_bias):
         raise ValueError("GGUF export: a llama model with attention_bias is not covered (llama.cpp's llama "
@@ -156,7 +160,7 @@ def _save(path: str, config: ModelConfig, source: Mapping[str, Any], tokenizer: 
         tensors = {k: np.asarray(v, np.float32) for k, v in source.items()}
     names = gguf_tensor_names(config, tensors)
     _check_shapes(config, tensors)
-    if config.sliding_window is not None:
+    if config.sliding_window is not None and arch != "phi3":
         log.warning("GGUF export: sliding_window=%d has no key in llama.cpp's %s architecture; it will attend "
                     "to the whole context", config.sliding_window, arch)
     folder = os.path.dirname(os.path.abspath(path))
@@ -170,6 +174,10 @@ def _save(path: str, config: ModelConfig, source: Mapping[str, Any], tokenizer: 
             _write_tokenizer(w, tokenizer, config.vocab_size)
         if config.rope_scaling is not None and config.rope_scaling.rope_type == "llama3":
             w.add_tensor("rope_freqs.weight", rope_freqs(config))
+        if config.rope_scaling is not None and config.rope_scaling.rope_type == "longrope":  # Phi-3: factors as tensors
+            for kind in ("long", "short"):
+                w.add_tensor(f"rope_factors_{kind}.weight", np.asarray(getattr(config.rope_scaling, f"{kind}_factor"),
+                                                                      np.float32))
         for hf, gg in names.items():
             data, raw = encode_tensor(to_gguf_layout(hf, tensors[hf], config), dtype)
             w.add_tensor(gg, data, raw_dtype=raw)
@@ -220,12 +228,18 @@ def _write_metadata(w, config: ModelConfig, arch: str, dtype: str, name: str) ->
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_freq_base(c.rope_theta)
     w.add_rope_dimension_count(c.rotary_dim)
+    if arch == "phi3" and c.sliding_window is not None:
+        w.add_sliding_window(c.sliding_window)
     rs = c.rope_scaling
     if rs is not None and rs.rope_type == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(rs.factor)
+    elif rs is not None and rs.rope_type == "longrope" and arch == "phi3":
+        w.add_rope_scaling_attn_factors(rs.attention_factor)
+        w.add_rope_scaling_orig_ctx_len(rs.original_max_position_embeddings)
     elif rs is not None and rs.rope_type != "llama3":
-        raise ValueError(f"GGUF export: rope_scaling.rope_type={rs.rope_type!r} is not covered (linear, llama3)")
+        raise ValueError(f"GGUF export: rope_scaling.rope_type={rs.rope_type!r} is not covered for {arch} "
+                         "(linear, llama3; longrope for phi3)")
 
 
 def _write_tokenizer(w, tokenizer: TextTokenizer, vocab_size: int) -> None:

@@ -284,7 +284,7 @@ class OutputSection(_Section):
     export_peft: bool = _f(True, "export a PEFT adapter (adapter_config.json + safetensors)")
     export_merged: bool = _f(False, "export the base with LoRA merged in (HF safetensors)")
     export_gguf: str = _f("", "export the base with LoRA merged in as <output.dir>/model.gguf for llama.cpp / "
-                          "Ollama, matrices in f16, q8_0 or f32 (\"\": off); llama, mistral, qwen2, qwen3 models",
+                          "Ollama, matrices in f16, q8_0 or f32 (\"\": off); llama, mistral, qwen2, qwen3, phi3 models",
                           choices=GGUF_TYPES)
 
     def _check(self):

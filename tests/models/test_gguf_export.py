@@ -192,6 +192,8 @@ HF_KINDS = {
     # q/k norms; transformers' GGUF reader leaves Qwen3's head_dim at its default 128 (it does not read
     # attention.key_length, which llama.cpp and ours do), as every released Qwen3 has it
     "qwen3": dict(tie_word_embeddings=False, head_dim=128),
+    # fused qkv and gate_up; transformers' GGUF reader keeps Phi3Config's pad id 32000, so Phi-3's vocabulary
+    "phi3": dict(tie_word_embeddings=False, vocab_size=32064),
 }
 
 
@@ -202,9 +204,9 @@ def _hf_folder(kind: str, folder: str) -> str:
     torch.manual_seed(0)
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0)
-    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[kind]
-    hf = transformers.AutoModelForCausalLM.from_config(cls(**common, **HF_KINDS[kind])).eval()
+    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
+           "qwen3": transformers.Qwen3Config, "phi3": transformers.Phi3Config}[kind]
+    hf = transformers.AutoModelForCausalLM.from_config(cls(**{**common, **HF_KINDS[kind]})).eval()
     with torch.no_grad():  # norms and biases away from their 1 / 0 init, so a mix-up shows
         for name, p in hf.named_parameters():
             if p.ndim == 1:
@@ -309,3 +311,46 @@ def test_rope_scaling(tmp_path, rng):
     assert np.abs(got - want_logits).max() <= 1e-4 * np.abs(want_logits).max()
     with pytest.raises(ValueError, match="rope_freqs is not llama3 scaling"):
         llama3_from_divisors(rng.uniform(1.0, 8.0, 8), 10000.0, 16)
+
+
+@pytest.mark.oracle
+def test_phi3_longrope_round_trip_through_our_loader(tmp_path, rng):
+    """Phi-3 with LongRoPE (original context 16), a partial rotary factor of 0.75 and fused projections:
+    the config comes back (LongRoPE's factors as tensors) and so do the logits, at 40 tokens, past the
+    original context, where the long factors are in use."""
+    from familymodels import hf_model
+
+    hf_model("phi3").save_pretrained(tmp_path / "hf")
+    model, v, _ = _with_lora(str(tmp_path / "hf"))
+    path = save_gguf(tmp_path / "phi3.gguf", model.config, v, None, lora=LORA, dtype="f32")
+    ours, v2, _ = from_pretrained(path, quantization=None, lora=LoraConfig(rank=0), dtype=jnp.float32,
+                                  base_dtype=jnp.float32)
+    got, want = ours.config, model.config
+    assert got.rope_scaling.rope_type == "longrope" and got.partial_rotary_factor == 0.75
+    for field in ("short_factor", "long_factor", "attention_factor"):
+        np.testing.assert_allclose(getattr(got.rope_scaling, field), getattr(want.rope_scaling, field), rtol=1e-6)
+    tokens = jnp.asarray(rng.integers(0, 256, (2, 40)))
+    ref = np.asarray(model.apply(v, tokens))
+    assert np.abs(np.asarray(ours.apply(v2, tokens)) - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_smollm2_exported_as_q8_0_still_answers(tmp_path):
+    """The default model (its GGUF into an NF4 base, with a small random LoRA) exported as q8_0 and read
+    back: half the f16 size, the same chat-formatted token ids, and the greedy answer still names Paris."""
+    from qlora_jax.models.generate import generate
+
+    lora = LoraConfig(rank=8, alpha=16.0)
+    model, v, tok = from_pretrained(_smollm2_path(), lora=lora, dtype=jnp.float32)
+    keys = iter(jax.random.split(jax.random.key(3), 1000))
+    v["params"] = jax.tree_util.tree_map(lambda p: jax.random.normal(next(keys), p.shape) * 0.01, v["params"])
+    path = save_gguf(tmp_path / "smollm2.gguf", model.config, v, tok, lora=lora, dtype="q8_0")
+    assert os.path.getsize(path) < 140 * 2**20  # 134.5M weights at 34 bytes per 32
+    ours, v2, tok2 = from_pretrained(path, quantization=None, lora=LoraConfig(rank=0), dtype=jnp.float32,
+                                     base_dtype=jnp.float32)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    assert tok2.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]) == prompt
+    ids = tok2.encode(prompt)
+    assert ids == tok.encode(prompt)
+    assert "Paris" in tok2.decode(generate(ours, v2, ids, 8, eos_id=tok2.eos_id))
