@@ -50,9 +50,10 @@ from qlora_jax.train.report import MetricsLog, Progress, plot_losses, read_metri
 from qlora_jax.train.step import make_eval_step, make_train_step
 
 log = logging.getLogger("qlora_jax.train")
-# What a resumed run may change: where it runs (a run folder may be moved) and how it reports,
-# never what it computes.
-RESUME_MAY_CHANGE = ("checkpoint.resume", "mesh.", "output.dir", "output.progress", "output.log_every")
+# What a resumed run may change: where it runs (a run folder may be moved), how it reports and
+# which exports it writes at the end, never what it computes.
+RESUME_MAY_CHANGE = ("checkpoint.resume", "mesh.", "output.dir", "output.progress", "output.log_every",
+                     "output.export_")
 
 
 def default_model_path() -> str:
