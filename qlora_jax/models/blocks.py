@@ -177,7 +177,8 @@ class SelfAttention(Sublayer):
             k_valid &= k_pos >= start[:, None]
             q_pos = jnp.broadcast_to(slot + jnp.arange(q.shape[1])[None, :], positions.shape)
             k_seg = segment_ids = None
-        out = attention(q.astype(self.dtype), keys.astype(self.dtype), values.astype(self.dtype), q_positions=q_pos,
+        dt = self.dtype
+        out = attention(q.astype(dt), keys.astype(dt), values.astype(dt), q_positions=q_pos,
                         kv_positions=k_pos, q_segment_ids=segment_ids, kv_segment_ids=k_seg, kv_valid=k_valid,
                         window=window, scale=c.attn_scale, softcap=c.attn_softcap, implementation=self.attention)
         return out, new_kv

@@ -173,7 +173,8 @@ def head_table(config: ModelConfig, variables) -> jax.Array:
     return frozen["embed_tokens"] if config.tie_word_embeddings else frozen["lm_head"]
 
 
-def init_cache(config: ModelConfig, batch: int, max_length: int, dtype=jnp.bfloat16, start=None) -> dict[str, jax.Array]:
+def init_cache(config: ModelConfig, batch: int, max_length: int, dtype=jnp.bfloat16,
+               start=None) -> dict[str, jax.Array]:
     """An empty KV cache, stacked like the layers: ``k, v`` of ``(L, batch, max_length, KV, head_dim)``, a fill index.
 
     ``start`` ``(batch,)``: each row's left padding, in slots (zeros when None). Slots before a
