@@ -118,7 +118,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     dtype = jnp.dtype(config.model.compute_dtype(platform))
     model_path = config.model.path or default_model_path()
     key = jax.random.key(loop.seed)
-    lora = config.lora.to_lora_config()
+    lora = config.lora
     model, variables, tokenizer = from_pretrained(model_path, quantization=config.quant.to_quant_config(), lora=lora,
                                                   dtype=dtype, key=key, remat=config.model.remat,
                                                   attention=config.model.attention, mlp_tile=config.model.mlp_tile,
