@@ -48,8 +48,12 @@ def ema(values, weight: float) -> np.ndarray:
 
 
 def smoothing_time_constant(n_points: int) -> float:
-    """``tau`` for ``n_points`` logged losses: 1/25 of them, at least one point (40 steps: tau 1.6)."""
-    return max(n_points / 25.0, 1.0)
+    """``tau`` for ``n_points`` logged losses: a tenth of them, clamped to [1, 100] points (40 steps: tau 4).
+
+    A tenth keeps the curve's lag behind a trend (``tau`` points) small next to the run's length; the cap keeps
+    a long run's curve following changes within 100 points.
+    """
+    return min(max(n_points / 10.0, 1.0), 100.0)
 
 
 def plot_losses(metrics_path: str, png_path: str) -> None:
