@@ -19,7 +19,9 @@ mean time per step since the start times the steps left.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import os
 import sys
 import time
 
@@ -39,6 +41,14 @@ def resolve_progress(enabled: bool, bar: str, is_tty: bool, process_index: int) 
     if bar == "always" or (bar == "auto" and is_tty):
         return "bar"
     return "lines"
+
+
+def _terminal_size(stream) -> tuple[int, int]:
+    """``(columns, lines)`` of the terminal behind ``stream``; zeros when it has none or reports none."""
+    try:
+        return tuple(os.get_terminal_size(stream.fileno()))
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return 0, 0
 
 
 def _fmt_time(seconds: float) -> str:
@@ -64,8 +74,13 @@ class Progress:
             from tqdm import tqdm
             from tqdm.contrib.logging import logging_redirect_tqdm
 
-            self.bar = self._stack.enter_context(
-                tqdm(total=total, initial=start, unit="step", file=self.stream, dynamic_ncols=True))
+            # tqdm hides a bar below the terminal's last row: one that reports 0 rows (a bare pty) would show
+            # nothing, so there the size is fixed (its width, or 100) instead of followed
+            cols, rows = _terminal_size(self.stream)
+            sized = cols > 0 and rows > 0
+            self.bar = self._stack.enter_context(tqdm(total=total, initial=start, unit="step", file=self.stream,
+                                                      dynamic_ncols=sized, ncols=None if sized else (cols or 100),
+                                                      nrows=None if sized else 20))
             self._stack.enter_context(logging_redirect_tqdm([logging.getLogger("qlora_jax")], tqdm_class=tqdm))
 
     @classmethod

@@ -6,6 +6,9 @@ import io
 import json
 import logging
 import math
+import os
+import pty
+import select
 import sys
 import time
 import types
@@ -237,6 +240,25 @@ def test_progress_bar_shows_loss_rate_memory_and_keeps_log_lines_above_it(capsys
     assert "8/8" in err and "loss 1.5000" in err and "900 tok/s" in err and ("rss " in err or "dev " in err)
     # tqdm.write: the bar is cleared, the log line printed whole on its own line, then the bar redrawn
     assert any(part.startswith("an eval line\n") for part in err.split("\r"))
+
+
+def test_progress_bar_on_a_terminal_that_reports_no_size():
+    """A bare pty reports 0 x 0; tqdm would hide the bar below row 0, so it is drawn 100 wide."""
+    master, slave = pty.openpty()
+    try:
+        assert os.get_terminal_size(slave) == (0, 0)
+        with os.fdopen(os.dup(slave), "w") as stream:
+            p = Progress(4, 0, "bar", stream=stream)
+            p.update(4, 0.5, 10.0)
+            p.close()
+        text = b""
+        while select.select([master], [], [], 0.5)[0]:
+            text += os.read(master, 65536)
+    finally:
+        os.close(master)
+        os.close(slave)
+    last = text.decode().replace("\r\n", "\n").split("\r")[-1].strip()
+    assert last.startswith("100%") and "4/4" in last and "loss 0.5000" in last and len(last) <= 100
 
 
 def test_progress_off_writes_nothing(capsys):
