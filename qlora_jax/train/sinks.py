@@ -11,11 +11,12 @@ Only process 0 writes (``make_sinks``); the others get no sinks.
 
 from __future__ import annotations
 
-import glob
 import os
 from typing import Any
 
 import jax
+
+from qlora_jax.train.tfevents import EventFileWriter
 
 
 def scalar_tag(name: str) -> str:
@@ -29,10 +30,10 @@ def scalars(row: dict[str, Any]) -> dict[str, float]:
 
 
 class TensorBoardLog:
-    """Scalars into ``<dir>/events.out.tfevents.*`` through tensorboardX, flushed at every row.
+    """Scalars into ``<directory>/events.out.tfevents.*`` (``tfevents.EventFileWriter``), one event per row, flushed.
 
     ``purge_step``: TensorBoard's own rewind. The writer first records a restart
-    event at that step, and readers (TensorBoard, ``EventAccumulator``) then drop the
+    at that step, and readers (TensorBoard, ``EventAccumulator``) then drop the
     events at steps ``>= purge_step`` written before it, in any file of the folder.
     The loop passes ``start + 1`` on resume (steps after the checkpoint are written
     again, as ``metrics.jsonl`` keeps rows up to ``start``) and 0 on a fresh run (an
@@ -40,25 +41,17 @@ class TensorBoardLog:
     """
 
     def __init__(self, directory: str, purge_step: int | None = None):
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError as e:  # a dependency of the package; reached only in a broken install
-            raise ImportError("output.tensorboard needs tensorboardX (`pip install tensorboardX`), "
-                              "or pass --output.tensorboard false") from e
-        self.directory = directory
-        self.writer = SummaryWriter(logdir=directory, purge_step=purge_step, flush_secs=10)
+        self.writer = EventFileWriter(directory)
+        if purge_step is not None:
+            self.writer.restart(purge_step)
 
     def write(self, **row) -> None:
-        step = int(row["step"])
-        for tag, value in scalars(row).items():
-            self.writer.add_scalar(tag, value, global_step=step)
-        self.writer.flush()
+        values = scalars(row)
+        if values:
+            self.writer.scalars(int(row["step"]), values)
 
     def close(self) -> None:
         self.writer.close()
-
-    def files(self) -> list[str]:
-        return sorted(glob.glob(os.path.join(self.directory, "events.out.tfevents.*")))
 
 
 class WandbLog:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from tblog import expected_scalars, read_tensorboard
 
-from qlora_jax.train import sinks
+from qlora_jax.train import sinks, tfevents
 from qlora_jax.train.config import OutputSection
 from qlora_jax.train.plot import ema, ema_weight, plot_losses, smoothing_time_constant
 from qlora_jax.train.progress import Progress, resolve_progress
@@ -82,6 +82,29 @@ def test_plot_writes_a_png(tmp_path):
 
 
 # --- TensorBoard ----------------------------------------------------------------------------------------------
+
+
+def test_crc32c_known_values():
+    """RFC 3720 B.4 and the usual check value."""
+    assert tfevents.crc32c(b"123456789") == 0xE3069283
+    assert tfevents.crc32c(bytes(32)) == 0x8A9136AA and tfevents.crc32c(b"\xff" * 32) == 0x62A8AB43
+    assert tfevents.crc32c(bytes(range(32))) == 0x46DD794E
+
+
+def test_event_bytes_parse_as_tensorboards_protos():
+    """Our hand-encoded Event messages, parsed by tensorboard's compiled protobuf classes."""
+    from tensorboard.compat.proto import event_pb2
+
+    e = event_pb2.Event.FromString(tfevents.event(7, 123.5, scalars={"train/loss": 1.25, "eval/ppl": 3e7}))
+    assert (e.wall_time, e.step) == (123.5, 7)
+    assert [(v.tag, v.simple_value) for v in e.summary.value] == [("train/loss", 1.25), ("eval/ppl", float(np.float32(3e7)))]
+    e = event_pb2.Event.FromString(tfevents.event(2**40, 0.0, file_version="brain.Event:2"))
+    assert (e.step, e.file_version) == (2**40, "brain.Event:2")
+    e = event_pb2.Event.FromString(tfevents.event(-3, 0.0, session_start=True))
+    assert e.step == -3 and e.session_log.status == e.session_log.START
+    framed = tfevents.record(b"abc")
+    assert len(framed) == 8 + 4 + 3 + 4 and framed[12:15] == b"abc"
+
 
 
 def test_scalar_tags():
