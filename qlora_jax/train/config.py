@@ -36,6 +36,7 @@ from qlora_jax.models.decoder import REMAT_POLICIES
 from qlora_jax.optim.chain import SCHEDULES, STATE_BITS, OptimizerConfig
 from qlora_jax.train.cli import FieldDoc, coerce, field_docs, from_tree, hints, parse, section_classes, to_tree
 from qlora_jax.train.formats import INSTRUCTION_FORMATS, parse_columns
+from qlora_jax.train.progress import PROGRESS_BARS
 
 DTYPES = ("auto", "float32", "bfloat16")
 RESIDUAL_DTYPES = ("compute", "float32")
@@ -240,7 +241,13 @@ class OutputSection(_Section):
 
     dir: str = _f("runs/default", "run directory: config.json, metrics, checkpoints, exports")
     log_every: int = _f(1, "log metrics every this many steps")
-    progress: bool = _f(True, "show a progress bar")
+    progress: bool = _f(True, "show progress (process 0 only): a bar or lines, per progress_bar")
+    progress_bar: str = _f("auto", "auto: a tqdm bar when stderr is a terminal, else one plain line per logged "
+                           "step; always: the bar even into a file or pipe; never: the plain lines", PROGRESS_BARS)
+    tensorboard: bool = _f(True, "write TensorBoard event files of the metrics to <dir>/tensorboard/")
+    wandb: bool = _f(False, "log the metrics to Weights & Biases (needs `pip install wandb`); mode: $WANDB_MODE, "
+                     "else offline (written under <dir>/wandb/, `wandb sync` uploads it)")
+    wandb_project: str = _f("qlora-jax", "Weights & Biases project name")
     plot: bool = _f(True, "plot the loss curves at the end")
     export_peft: bool = _f(True, "export a PEFT adapter (adapter_config.json + safetensors)")
     export_merged: bool = _f(False, "export the base with LoRA merged in (HF safetensors)")
@@ -250,6 +257,8 @@ class OutputSection(_Section):
             self._fail("dir", "must not be empty")
         if self.log_every < 1:
             self._fail("log_every", "must be >= 1")
+        if self.wandb and not self.wandb_project.strip():
+            self._fail("wandb_project", "must not be empty when output.wandb is on")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,8 +45,8 @@ SPEC_DEFAULTS = {
     "loop": {"steps": 40, "epochs": 0.0, "batch_size": 4, "grad_accum": 1, "eval_every": 20, "eval_batches": 4,
              "seed": 0, "max_bad_steps": 5, "sample_prompt": "What is the capital of France?", "sample_tokens": 40},
     "checkpoint": {"every": 20, "keep": 2, "resume": False},
-    "output": {"dir": "runs/default", "log_every": 1, "progress": True, "plot": True, "export_peft": True,
-               "export_merged": False},
+    "output": {"dir": "runs/default", "log_every": 1, "progress": True, "progress_bar": "auto", "tensorboard": True,
+               "wandb": False, "wandb_project": "qlora-jax", "plot": True, "export_peft": True, "export_merged": False},
     "mesh": {"data": -1, "fsdp": 1},
 }
 
