@@ -11,13 +11,15 @@ never shadows the Hugging Face ``kernels`` package that transformers imports.
 
 from qlora_jax.kernels.dequantize import DequantBlockSizes, dequantize, pallas_dequantize
 from qlora_jax.kernels.fused_matmul import MatmulBlockSizes
-from qlora_jax.kernels.matmul import AUTO_FUSED_MAX_M, BACKENDS, quantized_matmul, resolve_backend, transposed_matmul
+from qlora_jax.kernels.matmul import (AUTO_FUSED_MAX_M, BACKENDS, check_backend, quantized_matmul, resolve_backend,
+                                      transposed_matmul)
 
 __all__ = [
     "AUTO_FUSED_MAX_M",
     "BACKENDS",
     "DequantBlockSizes",
     "MatmulBlockSizes",
+    "check_backend",
     "dequantize",
     "pallas_dequantize",
     "quantized_matmul",

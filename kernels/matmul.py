@@ -126,10 +126,16 @@ def _matmul_bwd(plan, q, dy):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def resolve_backend(backend: str, m: int, q: QuantizedArray) -> str:
-    """The concrete backend ``"auto"`` stands for at ``M = m`` rows; explicit names are checked and kept."""
+def check_backend(backend: str) -> str:
+    """Returns ``backend`` if it is one of ``BACKENDS``, else raises ``ValueError`` naming them."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    return backend
+
+
+def resolve_backend(backend: str, m: int, q: QuantizedArray) -> str:
+    """The concrete backend ``"auto"`` stands for at ``M = m`` rows; explicit names are checked and kept."""
+    check_backend(backend)
     if backend == "auto":
         if not compat.on_gpu() or matrix_unsupported_reason(q) is not None:
             return "xla"

@@ -4,9 +4,8 @@ XLA schedules an op as soon as its inputs exist. Two places need an op to wait:
 
 * the dequantization of a frozen 4-bit weight depends only on the weight, so XLA
   computes every layer's dequantized copy at the start of the step and keeps them
-  all until their matmuls run. For Llama-3-8B shapes on the CPU (``remat="full"``,
-  float32, 1024 tokens), XLA's temporaries grow by 0.83 GiB per layer, the layer's
-  whole dequantized weight, instead of 17 MiB (``tests/kernels/test_schedule.py``
+  all until their matmuls run: the temporaries then grow by each layer's whole
+  dequantized weight instead of one layer's activations (``tests/kernels/test_schedule.py``
   checks the growth on a small model);
 * a rematerialized layer's recomputation must wait for the backward pass (an
   unrolled model needed a custom VJP built on ``tie_to`` for it on jaxlib 0.10.2;

@@ -1,9 +1,10 @@
 """In-kernel building blocks: turn a tile of packed 4-bit codes into floats.
 
 Shared by the dequantize and the fused matmul kernels, and written only with
-ops the Pallas Triton lowering compiles (FACTS.md section 4): shifts, masks,
-``where`` over constants, ``broadcast``+``reshape``, and gathers from a *ref*
-(pointer loads); never indexing a loaded vector.
+ops the Pallas Triton lowering compiles: shifts, masks, ``where`` over constants,
+``broadcast``+``reshape``, and gathers from a *ref* (pointer loads); never a gather
+from (indexing) a loaded vector, which does not lower to Triton
+(``tests/kernels`` lower every kernel for an abstract H200 on the CPU, which checks it).
 
 Math, per tile of ``r`` rows and ``c`` weights per row (``c`` a multiple of the
 quantization block ``B``):

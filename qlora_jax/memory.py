@@ -487,6 +487,7 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default="all", help="'all' or comma-separated projections, e.g. q_proj,v_proj")
     ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (> 0 also saves the dropped inputs)")
     ap.add_argument("--dora", action="store_true", help="DoRA: a trainable magnitude per adapted output")
+    ap.add_argument("--lora-fp32-output", action="store_true", help="LoRA terms computed and added in float32")
     ap.add_argument("--quant", default="nf4", help="nf4, fp4, int4, or none (a float base in --base-dtype)")
     ap.add_argument("--blocksize", type=int, default=64, help="weights per 4-bit block scale")
     ap.add_argument("--no-double-quant", action="store_true", help="float32 block scales instead of 8-bit ones")
@@ -509,7 +510,8 @@ def main(argv=None) -> int:
     try:
         config = resolve_model(args.model)
         quant = None if args.quant == "none" else QuantConfig(args.quant, args.blocksize, not args.no_double_quant)
-        lora = LoraConfig(rank=args.rank, dropout=args.dropout, targets=_targets(args.targets), use_dora=args.dora)
+        lora = LoraConfig(rank=args.rank, dropout=args.dropout, targets=_targets(args.targets), use_dora=args.dora,
+                          fp32_output=args.lora_fp32_output)
         kw = dict(batch=args.batch, lora=lora, quant=quant, optimizer=args.optimizer, offload=args.offload,
                   remat=args.remat, compute_dtype=args.compute_dtype, base_dtype=args.base_dtype,
                   attention=args.attention, loss_chunk=args.loss_chunk, platform=args.platform,

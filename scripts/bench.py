@@ -32,7 +32,8 @@ measured peak device bytes over that prediction (the planner's validation).
   quant, ``prepare_model_for_kbit_training``), when torch imports;
 * torch-lora: transformers + peft on the unquantized model, checkpointing on.
 
-Compute is float32 on a CPU (these CPUs have no fast bf16: FACTS.md section 5) and
+Compute is float32 on a CPU (these CPUs have no native bf16: bf16 matmuls run at about a
+third of float32's speed here) and
 bf16 on a GPU. Reported: median seconds per step over ``--steps`` after one warm-up
 step, tokens per second, peak memory (device bytes on a GPU, the process's peak RSS
 on a CPU), and the ratios ours / theirs, as a table last.

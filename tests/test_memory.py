@@ -38,7 +38,7 @@ TOL = {
     # moves the total by far less than one layer's share (measured: 1e-5 .. 7e-4 of the total)
     "depth_rel": 0.01,
 }
-PAPER_LLAMA7B_BASE = 5_048e6  # QLoRA paper, LLaMA-7B 4-bit base (FACTS.md section 3)
+PAPER_LLAMA7B_BASE = 5_048e6  # QLoRA paper (arXiv 2305.14314), LLaMA-7B's 4-bit base: 5,048 MB
 TINY = from_hf_config(CONFIG)
 
 

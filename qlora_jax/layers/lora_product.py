@@ -15,8 +15,8 @@ gradients contract over the ``M`` tokens, i.e. the *leading* dimension of both
 operands. GEMM libraries without a transposed-left-operand mode (XLA's CPU dot
 through YNNPACK) make one operand physically transposed, and XLA's layout choice
 transposed the large ``(M, out)`` gradient, fused with whatever elementwise
-backward produced it: about 30 ms per MLP projection at ``M = 1024, out = 1536``
-on the 2-core CPU, a quarter of a SmolLM2 training step (docs/benchmarks.md).
+backward produced it: a large share of a CPU training step (docs/benchmarks.md, "Where
+the time goes", has the profile).
 Here only the rank-``r`` matrices ``u`` and ``g`` are transposed (``r * M``
 elements), so every GEMM reads its large operand as stored. On a GPU cuBLAS
 takes any layout and the two small transposes cost nothing measurable.

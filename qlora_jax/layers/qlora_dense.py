@@ -46,28 +46,36 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qlora_jax.kernels import BACKENDS, quantized_matmul
+from qlora_jax.kernels import check_backend, quantized_matmul
 from qlora_jax.kernels.schedule import tie_to
 from qlora_jax.layers.dora import dora_delta, weight_norm
 from qlora_jax.layers.lora_product import lora_product
 from qlora_jax.quant import QuantizedArray, quantize
 from qlora_jax.quant.api import check_blocksize
-from qlora_jax.quant.codebooks import check_quant_type
+from qlora_jax.quant.codebooks import QUANT_TYPES
 
 FROZEN = "frozen"
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
-    """How a base weight is stored: ``None`` in place of this means float storage."""
+    """How a base weight is stored: ``None`` in place of this means float storage (the trainer's ``quant`` section).
 
-    quant_type: str = "nf4"
-    blocksize: int = 64
-    double_quant: bool = True
+    Errors name the field as ``quant.<field>``.
+    """
+
+    quant_type: str = dataclasses.field(default="nf4", metadata={"help": "4-bit code table", "choices": QUANT_TYPES})
+    blocksize: int = dataclasses.field(default=64, metadata={"help": "weights per absmax scale: a power of two in "
+                                                                     "[32, 4096]"})
+    double_quant: bool = dataclasses.field(default=True, metadata={"help": "quantize the absmax scales to 8 bits "
+                                                                            "as well"})
 
     def __post_init__(self):
-        check_quant_type(self.quant_type)
-        check_blocksize(self.blocksize)
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant.quant_type={self.quant_type!r} is not one of {QUANT_TYPES}")
+        check_blocksize(self.blocksize, name="quant.blocksize")
+        if not isinstance(self.double_quant, bool):
+            raise ValueError(f"quant.double_quant={self.double_quant!r} must be a bool")
 
 
 def torch_linear_init(key: jax.Array, shape: tuple[int, int], dtype=jnp.float32) -> jax.Array:
@@ -99,8 +107,7 @@ class QLoRADense(nn.Module):
             raise ValueError(f"rank={self.rank} must be >= 0 (0 disables LoRA)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend={self.backend!r} is not one of {BACKENDS}")
+        check_backend(self.backend)
         super().__post_init__()
 
     @property

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = ("auto", "reference", "chunked", "pallas")
 # "auto" on a CPU keeps the dense reference up to 256 x 256 scores per row: at SmolLM2's
 # 4 x 256 bench step it is the faster one, and from 512 tokens on the chunked one is
-# (docs/kernels.md, "Benchmark: scripts/bench_attention.py": 0.82x at 1 x 512, 0.29x at 1 x 1024).
+# (docs/kernels.md, "Benchmark: scripts/bench_attention.py", has the crossover measured).
 AUTO_REFERENCE_MAX_SCORES = 256 * 256
 
 

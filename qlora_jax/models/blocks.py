@@ -35,36 +35,64 @@ FULL, SLIDING = 0, 1  # a layer's kind, as scanned
 LAYER_INPUT = "decoder_layer_input"  # the checkpoint_name of each layer's saved input (remat offload)
 
 
+def _field(default, help: str):
+    """A dataclass field with the help text the trainer's ``--help`` shows."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    """Which projections get LoRA, and its hyper-parameters (QLoRA paper defaults: all of them).
+    """Which projections get LoRA, and its hyper-parameters: the one definition (the trainer's ``lora`` section).
 
     ``targets`` are projection names; each family maps them to its own
     (``Family.resolve_targets``: the Llama names stand for Phi-3's fused projections).
-    ``use_dora``: DoRA (peft's ``use_dora=True``), a trainable magnitude per output of each
-    adapted projection (``qlora_jax.layers.dora``). ``fp32_output``: each adapted projection
-    computes its LoRA term in float32 and returns float32 (``QLoRADense.fp32_output``).
+    Errors name the field as ``lora.<field>``.
     """
 
-    rank: int = 16
-    alpha: float = 16.0
-    dropout: float = 0.0
-    use_rslora: bool = False
-    targets: tuple[str, ...] = LLAMA_TARGETS
-    use_dora: bool = False
-    fp32_output: bool = False
+    rank: int = _field(16, "LoRA rank r; 0 disables LoRA")
+    alpha: float = _field(16.0, "LoRA scale numerator: updates are scaled by alpha/r (alpha/sqrt(r) with rsLoRA)")
+    dropout: float = _field(0.0, "dropout on the LoRA input, in [0, 1)")
+    use_rslora: bool = _field(False, "rank-stabilized scaling alpha/sqrt(r)")
+    targets: tuple[str, ...] = _field(LLAMA_TARGETS, "comma-separated projections that get LoRA")
+    use_dora: bool = _field(False, "DoRA (weight-decomposed LoRA, peft's use_dora): a trainable magnitude per "
+                            "output of each adapted projection (qlora_jax.layers.dora)")
+    fp32_output: bool = _field(False, "compute each LoRA term in float32 and add it to its projection's output "
+                               "in float32 (QLoRADense.fp32_output; as peft over a float32 residual stream)")
 
     def __post_init__(self):
         from qlora_jax.models.family import known_targets
 
-        unknown = sorted(set(self.targets) - set(known_targets()))
-        if unknown:
-            raise ValueError(f"lora targets {unknown} are not projections; choose from {known_targets()}")
-        if self.rank < 0:
-            raise ValueError(f"lora rank={self.rank} must be >= 0")
-        for name in ("use_dora", "fp32_output"):
+        def fail(name, requirement):
+            raise ValueError(f"lora.{name}={getattr(self, name)!r} {requirement}")
+
+        for name in ("use_rslora", "use_dora", "fp32_output"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"lora {name}={getattr(self, name)!r} must be a bool")
+                fail(name, "must be a bool")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int):
+            fail("rank", "must be an int")
+        for name in ("alpha", "dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                fail(name, "must be a number")
+            object.__setattr__(self, name, float(value))
+        if isinstance(self.targets, str) or not all(isinstance(t, str) for t in self.targets):
+            fail("targets", "must be a sequence of projection names")
+        object.__setattr__(self, "targets", tuple(self.targets))  # hashable: a model field, a jit key
+        if self.rank < 0:
+            fail("rank", "must be >= 0")
+        if not self.alpha > 0:
+            fail("alpha", "must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            fail("dropout", "must be in [0, 1)")
+        if self.rank and not self.targets:
+            fail("targets", f"is empty; name at least one of {LLAMA_TARGETS}")
+        unknown = [t for t in self.targets if t not in known_targets()]
+        if unknown:
+            fail("targets", f"has {unknown}, not projections; choose from {known_targets()}")
+        if len(set(self.targets)) != len(self.targets):
+            fail("targets", "names a projection twice")
+        if self.use_dora and self.rank == 0:
+            fail("use_dora", "needs lora.rank >= 1 (DoRA adapts through LoRA's A and B)")
 
 
 class RMSNorm(nn.Module):
@@ -177,7 +205,8 @@ class SelfAttention(Sublayer):
             k_valid &= k_pos >= start[:, None]
             q_pos = jnp.broadcast_to(slot + jnp.arange(q.shape[1])[None, :], positions.shape)
             k_seg = segment_ids = None
-        out = attention(q.astype(self.dtype), keys.astype(self.dtype), values.astype(self.dtype), q_positions=q_pos,
+        dt = self.dtype
+        out = attention(q.astype(dt), keys.astype(dt), values.astype(dt), q_positions=q_pos,
                         kv_positions=k_pos, q_segment_ids=segment_ids, kv_segment_ids=k_seg, kv_valid=k_valid,
                         window=window, scale=c.attn_scale, softcap=c.attn_softcap, implementation=self.attention)
         return out, new_kv

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qlora_jax.kernels import BACKENDS
+from qlora_jax.kernels import check_backend
 from qlora_jax.layers import FROZEN, QuantConfig
 from qlora_jax.models.attention import IMPLEMENTATIONS, soft_cap
 from qlora_jax.models.blocks import FULL, LAYER_INPUT, SLIDING, LoraConfig, norm
@@ -96,8 +96,7 @@ class CausalLM(nn.Module):
     def __post_init__(self):
         from qlora_jax.models.blocks import lora_targets
 
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend={self.backend!r} is not one of {BACKENDS}")
+        check_backend(self.backend)
         if self.attention not in IMPLEMENTATIONS:
             raise ValueError(f"attention={self.attention!r} is not one of {IMPLEMENTATIONS}")
         if self.residual_dtype is not None and jnp.dtype(self.residual_dtype) not in (
@@ -173,7 +172,8 @@ def head_table(config: ModelConfig, variables) -> jax.Array:
     return frozen["embed_tokens"] if config.tie_word_embeddings else frozen["lm_head"]
 
 
-def init_cache(config: ModelConfig, batch: int, max_length: int, dtype=jnp.bfloat16, start=None) -> dict[str, jax.Array]:
+def init_cache(config: ModelConfig, batch: int, max_length: int, dtype=jnp.bfloat16,
+               start=None) -> dict[str, jax.Array]:
     """An empty KV cache, stacked like the layers: ``k, v`` of ``(L, batch, max_length, KV, head_dim)``, a fill index.
 
     ``start`` ``(batch,)``: each row's left padding, in slots (zeros when None). Slots before a

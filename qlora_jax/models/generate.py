@@ -143,7 +143,8 @@ def stream_text(model: CausalLM, variables: dict[str, Any], tokenizer, prompts: 
             hits = [text.find(s) for s in stop if s in text]
             if hits:
                 text, ended[i] = text[:min(hits)], True
-            if not ended[i] and step + 1 < max_new_tokens:  # hold back an incomplete character, and what may be the start of a stop string
+            # hold back an incomplete character, and what may be the start of a stop string
+            if not ended[i] and step + 1 < max_new_tokens:
                 text = text[:len(text) - _held_back(text, stop)]
             delta[i], shown[i] = text[len(shown[i]):], text
         yield delta

@@ -1,6 +1,6 @@
 """The default QLoRA optimizer: clip by global norm, AdamW (32- or 8-bit state), warmup + schedule.
 
-QLoRA's recipe (FACTS.md section 3): max grad norm 0.3, AdamW with lr 2e-4 and
+QLoRA's recipe (Dettmers et al. 2023, arXiv 2305.14314, and its artidoro/qlora scripts): max grad norm 0.3, AdamW with lr 2e-4 and
 weight decay 0, a constant schedule with 3% linear warmup. Every piece is a
 field of ``OptimizerConfig``; ``make_optimizer(config, total_steps)`` builds
 

@@ -15,12 +15,11 @@ sent back one after another; ``split_layers=True`` also cuts every leaf under
 slices, so ``group_by=top_level_group, split_layers=True`` gives one group per
 decoder layer (each group's state holds that layer's ``(...)`` slices), so a group's state is the most the *update* needs on
 the device at once; whether XLA overlaps a group's transfer with the previous
-group's arithmetic is its scheduler's choice (docs/optimizer.md records what the
-compiled HLO shows).
+group's arithmetic is its scheduler's choice.
 
 Use it inside ``jax.jit`` with explicit shardings for the state when donating
 (``host_shardings(state)`` gives them): donating host buffers without explicit
-``in_shardings`` aborts the process (FACTS.md section 4). Transforms whose
+``in_shardings`` aborts the process (SIGABRT, on jaxlib 0.10.2's CPU). Transforms whose
 update couples leaves (``clip_by_global_norm``) must stay outside a grouped
 wrapper: each group sees only its own leaves.
 """

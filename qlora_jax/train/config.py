@@ -4,7 +4,9 @@
 
 Each section checks its fields in ``__post_init__`` (types, choices, ranges) and
 raises ``ValueError`` naming the field by its dotted path ("lora.rank=-1 must be
->= 0"). ``optim`` is ``qlora_jax.optim.OptimizerConfig`` as is (its messages get
+>= 0"). One definition per concept: ``lora`` is the library's ``LoraConfig`` itself (with
+the trainer's recipe as its default, ``DEFAULT_LORA``), ``quant`` is ``QuantConfig`` plus
+``enabled``, and ``optim`` is ``qlora_jax.optim.OptimizerConfig`` as is (its messages get
 the ``optim.`` prefix through ``from_dict`` and the parser; ``OPTIM_HELP`` holds its
 help). Help for the other fields is their ``field(metadata={"help": ...})``.
 
@@ -29,15 +31,12 @@ from typing import Any
 from qlora_jax.kernels import BACKENDS
 from qlora_jax.layers.qlora_dense import QuantConfig
 from qlora_jax.models.attention import IMPLEMENTATIONS
-from qlora_jax.models.blocks import LLAMA_TARGETS as ALL_TARGETS
 from qlora_jax.models.blocks import LoraConfig
 from qlora_jax.models.decoder import REMAT_POLICIES
-from qlora_jax.models.family import known_targets
 from qlora_jax.optim.chain import SCHEDULES, STATE_BITS, OptimizerConfig
-from qlora_jax.quant.api import check_blocksize
-from qlora_jax.quant.codebooks import QUANT_TYPES
 from qlora_jax.train.cli import FieldDoc, coerce, field_docs, from_tree, hints, parse, section_classes, to_tree
 from qlora_jax.train.formats import INSTRUCTION_FORMATS, parse_columns
+from qlora_jax.train.progress import PROGRESS_BARS
 
 DTYPES = ("auto", "float32", "bfloat16")
 RESIDUAL_DTYPES = ("compute", "float32")
@@ -127,16 +126,15 @@ class ModelSection(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantSection(_Section):
-    """How the frozen base weights are stored."""
+class QuantSection(QuantConfig):
+    """``QuantConfig`` (its fields, help and checks), and whether to quantize at all."""
 
     enabled: bool = _f(True, "quantize the base weights to 4 bits; false: keep them in bfloat16")
-    quant_type: str = _f("nf4", "4-bit code table", QUANT_TYPES)
-    blocksize: int = _f(64, "weights per absmax scale: a power of two in [32, 4096]")
-    double_quant: bool = _f(True, "quantize the absmax scales to 8 bits as well")
 
-    def _check(self):
-        check_blocksize(self.blocksize, name="quant.blocksize")
+    def __post_init__(self):
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"quant.enabled={self.enabled!r} must be a bool")
+        super().__post_init__()
 
     def to_quant_config(self) -> QuantConfig | None:
         """The layer's ``QuantConfig``, or None (float base) when not ``enabled``."""
@@ -145,41 +143,8 @@ class QuantSection(_Section):
         return QuantConfig(quant_type=self.quant_type, blocksize=self.blocksize, double_quant=self.double_quant)
 
 
-@dataclasses.dataclass(frozen=True)
-class LoraSection(_Section):
-    """The trainable LoRA adapters."""
-
-    rank: int = _f(16, "LoRA rank r; 0 disables LoRA")
-    alpha: float = _f(32.0, "LoRA scale numerator: updates are scaled by alpha/r (alpha/sqrt(r) with rsLoRA)")
-    dropout: float = _f(0.05, "dropout on the LoRA input, in [0, 1)")
-    targets: tuple[str, ...] = _f(ALL_TARGETS, "comma-separated projections that get LoRA")
-    use_rslora: bool = _f(False, "rank-stabilized scaling alpha/sqrt(r)")
-    use_dora: bool = _f(False, "DoRA (weight-decomposed LoRA, peft's use_dora): a trainable magnitude per output "
-                        "of each adapted projection")
-    fp32_output: bool = _f(False, "compute each LoRA term in float32 and add it to its projection's output in "
-                           "float32 (as peft over a float32 residual stream)")
-
-    def _check(self):
-        if self.rank < 0:
-            self._fail("rank", "must be >= 0")
-        if not self.alpha > 0:
-            self._fail("alpha", "must be > 0")
-        if not 0.0 <= self.dropout < 1.0:
-            self._fail("dropout", "must be in [0, 1)")
-        if not self.targets:
-            self._fail("targets", f"is empty; name at least one of {ALL_TARGETS}")
-        unknown = [t for t in self.targets if t not in known_targets()]
-        if unknown:
-            self._fail("targets", f"has {unknown}, not projections; choose from {known_targets()}")
-        if len(set(self.targets)) != len(self.targets):
-            self._fail("targets", "names a projection twice")
-        if self.use_dora and self.rank == 0:
-            self._fail("use_dora", "needs lora.rank >= 1 (DoRA adapts through LoRA's A and B)")
-
-    def to_lora_config(self) -> LoraConfig:
-        return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
-                          use_rslora=self.use_rslora, targets=self.targets, use_dora=self.use_dora,
-                          fp32_output=self.fp32_output)
+# the trainer's recipe: alpha = 2r and a little dropout (the library's LoraConfig defaults are alpha 16, no dropout)
+DEFAULT_LORA = LoraConfig(rank=16, alpha=32.0, dropout=0.05)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,7 +244,13 @@ class OutputSection(_Section):
 
     dir: str = _f("runs/default", "run directory: config.json, metrics, checkpoints, exports")
     log_every: int = _f(1, "log metrics every this many steps")
-    progress: bool = _f(True, "show a progress bar")
+    progress: bool = _f(True, "show progress (process 0 only): a bar or lines, per progress_bar")
+    progress_bar: str = _f("auto", "auto: a tqdm bar when stderr is a terminal, else one plain line per logged "
+                           "step; always: the bar even into a file or pipe; never: the plain lines", PROGRESS_BARS)
+    tensorboard: bool = _f(True, "write TensorBoard event files of the metrics to <dir>/tensorboard/")
+    wandb: bool = _f(False, "log the metrics to Weights & Biases (needs `pip install wandb`); mode: $WANDB_MODE, "
+                     "else offline (written under <dir>/wandb/, `wandb sync` uploads it)")
+    wandb_project: str = _f("qlora-jax", "Weights & Biases project name")
     plot: bool = _f(True, "plot the loss curves at the end")
     export_peft: bool = _f(True, "export a PEFT adapter (adapter_config.json + safetensors)")
     export_merged: bool = _f(False, "export the base with LoRA merged in (HF safetensors)")
@@ -292,6 +263,8 @@ class OutputSection(_Section):
             self._fail("dir", "must not be empty")
         if self.log_every < 1:
             self._fail("log_every", "must be >= 1")
+        if self.wandb and not self.wandb_project.strip():
+            self._fail("wandb_project", "must not be empty when output.wandb is on")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,7 +299,7 @@ class TrainConfig:
 
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     quant: QuantSection = dataclasses.field(default_factory=QuantSection)
-    lora: LoraSection = dataclasses.field(default_factory=LoraSection)
+    lora: LoraConfig = dataclasses.field(default_factory=lambda: DEFAULT_LORA)
     data: DataSection = dataclasses.field(default_factory=DataSection)
     optim: OptimizerConfig = dataclasses.field(default_factory=lambda: OptimizerConfig(learning_rate=1e-3))
     loop: LoopSection = dataclasses.field(default_factory=LoopSection)

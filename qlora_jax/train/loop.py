@@ -46,14 +46,17 @@ from qlora_jax.train.data import load_data
 from qlora_jax.train.devices import log_devices
 from qlora_jax.train.formats import parse_columns
 from qlora_jax.train.mesh import batch_sharding, initialize_distributed, make_mesh, shard_tree
-from qlora_jax.train.report import MetricsLog, Progress, plot_losses, read_metrics
+from qlora_jax.train.plot import plot_losses
+from qlora_jax.train.progress import Progress
+from qlora_jax.train.report import MetricsLog, read_metrics
+from qlora_jax.train.sinks import Fanout, make_sinks
 from qlora_jax.train.step import make_eval_step, make_train_step
 
 log = logging.getLogger("qlora_jax.train")
 # What a resumed run may change: where it runs (a run folder may be moved), how it reports and
 # which exports it writes at the end, never what it computes.
 RESUME_MAY_CHANGE = ("checkpoint.resume", "mesh.", "output.dir", "output.progress", "output.log_every",
-                     "output.export_")
+                     "output.tensorboard", "output.wandb", "output.export_")
 
 
 def default_model_path() -> str:
@@ -120,7 +123,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     dtype = jnp.dtype(config.model.compute_dtype(platform))
     model_path = config.model.path or default_model_path()
     key = jax.random.key(loop.seed)
-    lora = config.lora.to_lora_config()
+    lora = config.lora
     model, variables, tokenizer = from_pretrained(model_path, quantization=config.quant.to_quant_config(), lora=lora,
                                                   dtype=dtype, key=key, remat=config.model.remat,
                                                   attention=config.model.attention, mlp_tile=config.model.mlp_tile,
@@ -183,7 +186,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
             start = latest
             log.info("resumed from step %d (%s)", latest, ckpt.directory)
     # a fresh run (start 0) drops every earlier row, its step-0 eval included; a resumed one keeps rows up to start
-    metrics = MetricsLog(os.path.join(out, "metrics.jsonl"), truncate_after_step=start if start else -1)
+    metrics = Fanout(MetricsLog(os.path.join(out, "metrics.jsonl"), truncate_after_step=start if start else -1),
+                     *make_sinks(config.output, out, start, config.to_dict()))
     summary: dict[str, Any] = {"model": model_path, "steps": total, "start_step": start, "devices": n_dev,
                                "platform": platform, "trainable": trainable_summary(variables)}
     sampling = bool(loop.sample_prompt) and loop.sample_tokens > 0
@@ -196,7 +200,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
             metrics.write(step=0, eval_loss=loss, eval_ppl=ppl)
             log.info("step 0: held-out loss %.4f (perplexity %.2f)", loss, ppl)
 
-    progress, bad, tokens_seen, train_seconds = Progress(total, start, config.output.progress), 0, 0, 0.0
+    progress = Progress.for_run(total, start, config.output.progress, config.output.progress_bar)
+    bad, tokens_seen, train_seconds = 0, 0, 0.0
     for step in range(start, total):
         batch = _stack([next(train_iter) for _ in range(loop.grad_accum)])
         t0 = time.perf_counter()
@@ -216,7 +221,9 @@ def run(config: TrainConfig) -> dict[str, Any]:
         if not finite:
             log.warning("step %d: non-finite loss or gradient (loss=%s); update skipped (%d in a row)", done, loss, bad)
             if bad >= loop.max_bad_steps:
+                progress.close()
                 ckpt.close()
+                metrics.close()
                 raise RuntimeError(f"stopped at step {done}: {bad} consecutive steps with a non-finite loss or "
                                    f"gradient (loop.max_bad_steps={loop.max_bad_steps}); lower optim.learning_rate "
                                    f"or check the data; the last good checkpoint is in {ckpt.directory}")

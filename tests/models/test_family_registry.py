@@ -38,7 +38,7 @@ def test_phi3_fuses_the_llama_target_names():
     llama = from_hf_config({**BASE, "model_type": "llama"})
     with pytest.raises(ValueError, match=r"lora targets \['qkv_proj'\] are not projections of the llama family"):
         lora_targets(llama, LoraConfig(targets=("qkv_proj",)))
-    with pytest.raises(ValueError, match=r"lora targets \['c_attn'\] are not projections"):
+    with pytest.raises(ValueError, match=r"lora.targets=\('c_attn',\) has \['c_attn'\], not projections"):
         LoraConfig(targets=("c_attn",))
     assert "gate_up_proj" in known_targets() and "q_proj" in known_targets()
 

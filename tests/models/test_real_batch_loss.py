@@ -11,13 +11,14 @@ Why the two must agree within 2e-3 (absolute, on a loss of about 4.6):
 
 * Same bytes: every projection's 4-bit codes are equal (asserted); the block scales are equal
   except where the double-quant offset, ``mean(absmax)``, comes out of torch's float32 cascade sum
-  one bit away from ours (FACTS.md section 7) and an 8-bit scale code flips (counted, asserted rare).
+  one bit away from ours (float32 sums differ in the last bit between machines and libraries) and an
+  8-bit scale code flips (counted, asserted rare).
 * Same values: bnb, in train mode, dequantizes to the compute dtype (``gemm_4bit``'s default path:
   ``code * absmax`` in float32, one rounding, as ours; asserted on layer 0) and runs a float32
   matmul. So both sides compute one float32 function and differ in summation order only.
 * How big a difference is: a perturbation of the weights moves this loss roughly in proportion to
   its relative size. NF4's own rounding (relative Frobenius error 0.094 on these weights,
-  docs/quantization.md) moves a chitchat loss by about 0.19 (FACTS.md section 5). Scaled by that
+  docs/quantization.md) moves a chitchat loss by about 0.19 (NF4 against bf16 weights, on one batch). Scaled by that
   ratio, float32 reordering (a dot of K = 1536 terms rounds at about sqrt(K) * 2^-24 = 2.3e-6
   relative) is worth about 5e-6, and the flipped scale codes (64 weights each, in under 1e-4 of
   the blocks) less still; one bf16 rounding of every weight (relative RMS 2^-8 / sqrt(3) = 2.3e-3)

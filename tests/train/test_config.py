@@ -15,9 +15,9 @@ from qlora_jax.models.llama import LoraConfig
 from qlora_jax.optim import OptimizerConfig
 from qlora_jax.train.cli import format_value
 from qlora_jax.train.config import (
+    DEFAULT_LORA,
     OPTIM_HELP,
     LoopSection,
-    LoraSection,
     MeshSection,
     ModelSection,
     QuantSection,
@@ -27,11 +27,15 @@ from qlora_jax.train.config import (
 )
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def LoraSection(**kw) -> LoraConfig:  # noqa: N802 - the trainer's lora section: LoraConfig with its recipe defaults
+    return dataclasses.replace(DEFAULT_LORA, **kw)
 SPEC_DEFAULTS = {
     "model": {"path": "", "dtype": "auto", "remat": "none", "backend": "auto", "attention": "auto", "loss_chunk": 0,
               "mlp_tile": 0, "residual_dtype": "compute"},
-    "quant": {"enabled": True, "quant_type": "nf4", "blocksize": 64, "double_quant": True},
-    "lora": {"rank": 16, "alpha": 32.0, "dropout": 0.05, "targets": ALL, "use_rslora": False, "use_dora": False,
+    "quant": {"quant_type": "nf4", "blocksize": 64, "double_quant": True, "enabled": True},
+    "lora": {"rank": 16, "alpha": 32.0, "dropout": 0.05, "use_rslora": False, "targets": ALL, "use_dora": False,
              "fp32_output": False},
     "data": {"train_path": "", "eval_path": "", "eval_fraction": 0.02, "seq_len": 256, "packing": True,
              "max_train_records": 0, "columns": [], "instruction_format": "auto"},
@@ -41,8 +45,9 @@ SPEC_DEFAULTS = {
     "loop": {"steps": 40, "epochs": 0.0, "batch_size": 4, "grad_accum": 1, "eval_every": 20, "eval_batches": 4,
              "seed": 0, "max_bad_steps": 5, "sample_prompt": "What is the capital of France?", "sample_tokens": 40},
     "checkpoint": {"every": 20, "keep": 2, "resume": False},
-    "output": {"dir": "runs/default", "log_every": 1, "progress": True, "plot": True, "export_peft": True,
-               "export_merged": False, "export_gguf": ""},
+    "output": {"dir": "runs/default", "log_every": 1, "progress": True, "progress_bar": "auto", "tensorboard": True,
+               "wandb": False, "wandb_project": "qlora-jax", "plot": True, "export_peft": True, "export_merged": False,
+               "export_gguf": ""},
     "mesh": {"data": -1, "fsdp": 1},
 }
 
@@ -251,9 +256,9 @@ def test_bad_values_name_the_dotted_field(flags, path):
 def test_sections_validate_when_built_directly():
     with pytest.raises(ValueError, match=r"^lora\.rank=-1 must be >= 0$"):
         LoraSection(rank=-1)
-    with pytest.raises(ValueError, match=r"lora\.rank='16' is not a valid int"):
+    with pytest.raises(ValueError, match=r"lora\.rank='16' must be an int"):
         LoraSection(rank="16")  # no string parsing outside the parser
-    with pytest.raises(ValueError, match=r"quant\.enabled=1 is not a valid bool"):
+    with pytest.raises(ValueError, match=r"quant\.enabled=1 must be a bool"):
         QuantSection(enabled=1)
     with pytest.raises(ValueError, match=r"loop\.steps=True is not a valid int"):
         LoopSection(steps=True)
@@ -266,7 +271,7 @@ def test_sections_validate_when_built_directly():
 
 @pytest.mark.parametrize("argv, message", [
     (["--lora.rnk", "3"],
-     "unknown key lora.rnk; valid keys of lora: rank, alpha, dropout, targets, use_rslora, use_dora, fp32_output"),
+     "unknown key lora.rnk; valid keys of lora: rank, alpha, dropout, use_rslora, targets, use_dora, fp32_output"),
     (["--lora.rnk=3"], "unknown key lora.rnk; valid keys of lora"),
     (["--optim.lr", "3"], "valid keys of optim: learning_rate, schedule"),
     (["--lra.rank", "3"], "sections model, quant, lora, data, optim, loop, checkpoint, output, mesh"),
@@ -280,7 +285,7 @@ def test_unknown_cli_flags(argv, message):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("lora: {rnk: 3}", "unknown key lora.rnk; valid keys of lora: rank, alpha, dropout, targets, use_rslora, use_dora, fp32_output"),
+    ("lora: {rnk: 3}", "unknown key lora.rnk; valid keys of lora: rank, alpha, dropout, use_rslora, targets, use_dora, fp32_output"),
     ("checkpoint: {evry: 3}", "valid keys of checkpoint: every, keep, resume"),
     ("lra: {rank: 3}", "unknown section 'lra'; valid sections: model, quant, lora, data, optim"),
     ("lora: 3", "section lora must be a mapping"),
@@ -362,15 +367,13 @@ def test_conversions():
     assert QuantSection(quant_type="fp4", blocksize=128, double_quant=False).to_quant_config() == QuantConfig(
         quant_type="fp4", blocksize=128, double_quant=False)
     assert QuantSection(enabled=False).to_quant_config() is None
-    lora = LoraSection(rank=8, alpha=16.0, dropout=0.1, targets=("q_proj",), use_rslora=True).to_lora_config()
-    assert lora == LoraConfig(rank=8, alpha=16.0, dropout=0.1, use_rslora=True, targets=("q_proj",))
-    assert LoraSection(use_dora=True).to_lora_config() == LoraConfig(rank=16, alpha=32.0, dropout=0.05, use_dora=True)
+    assert TrainConfig().lora == LoraConfig(rank=16, alpha=32.0, dropout=0.05)  # the trainer's recipe
     assert ModelSection().compute_dtype("cpu") == "float32"
     assert ModelSection().compute_dtype("gpu") == "bfloat16"
     assert ModelSection(dtype="bfloat16").compute_dtype("cpu") == "bfloat16"
     assert ModelSection(residual_dtype="compute").residual("gpu") == "bfloat16"
     assert ModelSection(residual_dtype="float32").residual("gpu") == "float32"
-    assert LoraSection(fp32_output=True).to_lora_config().fp32_output
+    assert parse_config(["--lora.fp32_output", "true"]).lora.fp32_output
 
 
 def test_precision_options_reach_the_model(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from tblog import assert_tensorboard_matches_metrics
 from tinymodel import write_chats, write_tiny_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -42,6 +43,7 @@ def _env(devices: int = 1):
 
 
 def _train(tiny, out, *extra, devices: int = 1):
+    """Runs the trainer with stderr a pipe: the progress shows as plain lines, not the terminal's bar."""
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *_args(tiny, out, *extra)],
                           capture_output=True, text=True, env=_env(devices), timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -54,10 +56,19 @@ def _losses(out) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def full_run(tiny, tmp_path_factory):
+def _full(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    _train(tiny, out, "--output.export_gguf", "q8_0")
-    return out
+    return out, _train(tiny, out, "--output.export_gguf", "q8_0").stderr
+
+
+@pytest.fixture(scope="module")
+def full_run(_full):
+    return _full[0]
+
+
+@pytest.fixture(scope="module")
+def full_run_stderr(_full):
+    return _full[1]
 
 
 def test_outputs(full_run):
@@ -74,6 +85,18 @@ def test_outputs(full_run):
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [8, 10, 12]
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["peft_type"] == "LORA" and adapter["r"] == 16
+    # TensorBoard, read back with tensorboard's EventAccumulator: every metrics.jsonl number at its step
+    scalars = assert_tensorboard_matches_metrics(out)
+    assert sorted(scalars["train/loss"]) == steps and sorted(scalars["eval/loss"]) == [0, 4, 8, 12]
+    assert {"train/lr", "train/grad_norm", "train/tokens_per_s", "eval/ppl"} <= set(scalars)
+
+
+def test_progress_lines_in_a_log(full_run_stderr):
+    """Off a terminal the progress is one plain line per logged step (no carriage returns), log lines kept."""
+    assert "\r" not in full_run_stderr
+    lines = [line for line in full_run_stderr.splitlines() if line.startswith("step ") and " tok/s | ETA " in line]
+    assert [line.split()[1] for line in lines] == [f"{s}/{STEPS}" for s in range(1, STEPS + 1)]
+    assert "step 4: held-out loss" in full_run_stderr
 
 
 def test_gguf_export_is_the_merged_model(full_run, tiny):
@@ -139,6 +162,9 @@ def test_sigkill_then_resume_gives_the_same_losses(full_run, tiny, tmp_path):
     resumed, reference = _losses(out), _losses(full_run)
     assert sorted(resumed) == list(range(1, STEPS + 1))
     assert resumed == reference  # bit for bit, step for step
+    # the resumed writer purged the killed run's events after the checkpoint: TensorBoard shows metrics.jsonl
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    assert sorted(assert_tensorboard_matches_metrics(out)["train/loss"]) == list(range(1, STEPS + 1))
 
 
 @pytest.mark.e2e
