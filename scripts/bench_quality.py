@@ -45,6 +45,7 @@ import os
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -279,7 +280,7 @@ def plot(results: dict, path: str, title: str) -> None:
         ax.set_ylabel("held-out loss")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 170), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
