@@ -38,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from qlora_jax.train.records import RecordError, record_shape
+from qlora_jax.train.records import RecordError, record_shape, string_field
 
 INSTRUCTION_FORMATS = ("auto", "chat", "alpaca")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -85,15 +85,6 @@ def _rename(record: dict, columns: Mapping[str, str]) -> dict:
     return out
 
 
-def _text(record: Mapping, field: str, where: str, non_empty: bool = True) -> str:
-    value = record[field]
-    if not isinstance(value, str):
-        raise RecordError(f"field {where} must be a string, got {'null' if value is None else type(value).__name__}")
-    if non_empty and not value.strip():
-        raise RecordError(f"field {where} is empty")
-    return value
-
-
 def _sharegpt(turns: Any) -> list[dict[str, str]]:
     if not isinstance(turns, list) or not turns:
         raise RecordError(f"field 'conversations' must be a non-empty list, got {type(turns).__name__} {turns!r:.40}")
@@ -109,7 +100,7 @@ def _sharegpt(turns: Any) -> list[dict[str, str]]:
         if turn[role] not in SHAREGPT_ROLES:
             raise RecordError(f"field 'conversations'[{i}][{role!r}] is {turn[role]!r}, not one of "
                               f"{', '.join(SHAREGPT_ROLES)}")
-        text = _text(turn, content, f"'conversations'[{i}][{content!r}]")
+        text = string_field(turn, content, True, f"'conversations'[{i}][{content!r}]")
         messages.append({"role": SHAREGPT_ROLES[turn[role]], "content": text})
     return messages
 
@@ -118,11 +109,11 @@ def _alpaca(record: Mapping, instruction_format: str, chat: bool) -> dict:
     for field in ("instruction", "output"):
         if field not in record:
             raise RecordError(f"field {field!r} is missing (an Alpaca record needs 'instruction' and 'output')")
-    instruction = _text(record, "instruction", "'instruction'")
-    output = _text(record, "output", "'output'")
+    instruction = string_field(record, "instruction", True, "'instruction'")
+    output = string_field(record, "output", True, "'output'")
     extra = record.get("input")
     if extra is not None:
-        extra = _text(record, "input", "'input'", non_empty=False)
+        extra = string_field(record, "input", False, "'input'")
     has_input = bool(extra and extra.strip())
     if instruction_format == "chat" or (instruction_format == "auto" and chat):
         request = instruction + "\n\n" + extra if has_input else instruction

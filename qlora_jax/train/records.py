@@ -66,7 +66,8 @@ def _type(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _string(record: Mapping, field: str, non_empty: bool, where: str = "") -> str:
+def string_field(record: Mapping, field: str, non_empty: bool, where: str = "") -> str:
+    """``record[field]``, a string (non-blank when ``non_empty``), or ``RecordError`` naming ``where`` (or the field)."""
     name = where or repr(field)
     value = record[field]
     if not isinstance(value, str):
@@ -91,10 +92,10 @@ def record_shape(record: Any) -> str:
         if field not in record:
             raise RecordError(f"field {field!r} is missing (a prompt needs a completion)")
     if shape == "text":
-        _string(record, "text", True)
+        string_field(record, "text", True)
     elif shape == "prompt/completion":
-        _string(record, "prompt", False)
-        _string(record, "completion", True)
+        string_field(record, "prompt", False)
+        string_field(record, "completion", True)
     else:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
@@ -107,7 +108,7 @@ def record_shape(record: Any) -> str:
                     raise RecordError(f"field 'messages'[{i}][{field!r}] is missing")
             if m["role"] not in ROLES:
                 raise RecordError(f"field 'messages'[{i}]['role'] is {m['role']!r}, not one of {', '.join(ROLES)}")
-            _string(m, "content", True, f"'messages'[{i}]['content']")
+            string_field(m, "content", True, f"'messages'[{i}]['content']")
         if not any(m["role"] == "assistant" for m in messages):
             raise RecordError("field 'messages' has no assistant message (nothing to train on)")
     return shape
