@@ -136,9 +136,13 @@ def test_residual_stream_dtype(rng):
         carries = _scan_carries(jax.make_jaxpr(lambda p: mixed.apply(merge(p, frozen), tokens))(params).jaxpr,
                                 (1, 9, CFG.hidden_size))
         assert carries and set(carries) == {jnp.dtype(residual or jnp.bfloat16)}, carries
-        _, grads = jax.value_and_grad(lambda p: mixed.apply(merge(p, frozen), tokens)[..., 3].sum())(params)
+        def loss(p):
+            logits = mixed.apply(merge(p, frozen), tokens)
+            return logits[..., 3].sum(), logits
+
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)  # one compile per setting
         assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
-        out = np.asarray(mixed.apply(v, tokens))
+        out = np.asarray(out)
         # bf16 operands (8 significant bits) through two layers: a few percent of the logits' scale
         assert np.max(np.abs(out - f32)) < 0.05 * np.max(np.abs(f32)), (residual, fp32_out)
     with pytest.raises(ValueError, match="residual_dtype"):
