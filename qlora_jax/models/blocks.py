@@ -150,7 +150,7 @@ class Sublayer(nn.Module):
         rank = lora.rank if name in lora_targets(self.config, lora) else 0
         return QLoRADense(features=features, rank=rank, alpha=lora.alpha, dropout=lora.dropout,
                           use_rslora=lora.use_rslora, use_dora=lora.use_dora, use_bias=bias,
-                          fp32_output=lora.fp32_output and rank > 0, quant=self.quant,
+                          fp32_output=lora.fp32_output, quant=self.quant,
                           dtype=self.dtype, backend=self.backend, name=name)
 
 
