@@ -17,6 +17,8 @@ from qlora_jax.train.loop import run
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv, exit_on_error=True)
     summary = run(config)
+    if summary.get("process", 0):  # with several processes, process 0 reports
+        return 0
     keys = ("steps", "first_loss", "last_loss", "first_eval_loss", "last_eval_loss", "tokens_per_s", "seconds",
             "sample_before", "sample_after")
     print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))

@@ -165,6 +165,9 @@ class DataSection(_Section):
     instruction_format: str = _f("auto", "how Alpaca records render: chat (user/assistant through the chat "
                                  "template), alpaca (Alpaca's prompt template as prompt + completion), auto (chat "
                                  "when the tokenizer has a chat template)", INSTRUCTION_FORMATS)
+    streams: int = _f(0, "independent packing streams the batch rows are split into (record at position p goes to "
+                      "stream p mod streams; each process builds its own streams' rows); 0: one per process. The "
+                      "same value gives the same batches on any number of processes")
 
     def _check(self):
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -173,6 +176,8 @@ class DataSection(_Section):
             self._fail("seq_len", "must be >= 2")
         if self.max_train_records < 0:
             self._fail("max_train_records", "must be >= 0 (0: all)")
+        if self.streams < 0:
+            self._fail("streams", "must be >= 0 (0: one per process)")
         parse_columns(self.columns, "data.columns")
 
 
@@ -273,12 +278,24 @@ class MeshSection(_Section):
 
     data: int = _f(-1, "data-parallel axis size; -1: all devices not used by fsdp")
     fsdp: int = _f(1, "fully-sharded axis size")
+    coordinator: str = _f("", "multi-process: host:port of process 0's coordinator (env JAX_COORDINATOR_ADDRESS); "
+                          "empty: one process, or a cluster JAX detects itself (SLURM, Open MPI, Cloud TPU)")
+    num_processes: int = _f(0, "multi-process: how many processes (env JAX_NUM_PROCESSES); 0: from the environment")
+    process_id: int = _f(-1, "multi-process: this process's index, 0 .. num_processes-1 (env JAX_PROCESS_ID); "
+                         "-1: from the environment")
+    timeout_s: int = _f(300, "multi-process: seconds to wait for every process to reach the coordinator")
 
     def _check(self):
         if self.data != -1 and self.data < 1:
             self._fail("data", "must be >= 1 or -1 (all devices not used by fsdp)")
         if self.fsdp < 1:
             self._fail("fsdp", "must be >= 1")
+        if self.num_processes < 0:
+            self._fail("num_processes", "must be >= 1, or 0 (from the environment)")
+        if self.process_id < -1 or (self.num_processes and self.process_id >= self.num_processes):
+            self._fail("process_id", f"must be in [0, num_processes={self.num_processes}), or -1 (from the environment)")
+        if self.timeout_s < 1:
+            self._fail("timeout_s", "must be >= 1")
 
     def mesh_shape(self, n_devices: int) -> tuple[int, int]:
         """``(data, fsdp)`` for ``n_devices``; ``data * fsdp`` must divide ``n_devices``."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -125,7 +125,8 @@ class BatchIterator:
     """Endless (or ``num_epochs``) fixed-shape batches over records ``ids`` of ``records``.
 
     Epoch ``e`` visits ``ids`` in the order ``np.random.default_rng([seed, e]).permutation(ids)``
-    (``ids`` as given when ``shuffle=False``); a batch may run on into the next epoch. With
+    (``[seed, e, stream]`` for one of several streams, ``streams.py``; ``ids`` as given when
+    ``shuffle=False``); a batch may run on into the next epoch. With
     ``num_epochs``, iteration stops after that many epochs (the last batch may be partly
     padding). ``state()`` is ``{"epoch", "cursor", "num_records"}``: ``cursor`` is the position
     in epoch ``epoch``'s order of the next example; an iterator given it through ``restore``
@@ -133,7 +134,8 @@ class BatchIterator:
     """
 
     def __init__(self, records: RecordIndex, ids: np.ndarray, batch_size: int, seq_len: int, *, seed: int = 0,
-                 pack: bool = True, pad_id: int = 0, shuffle: bool = True, num_epochs: int | None = None):
+                 pack: bool = True, pad_id: int = 0, shuffle: bool = True, num_epochs: int | None = None,
+                 stream: int | None = None):
         _check_shape(batch_size, seq_len, pad_id)
         self.ids = np.asarray(ids, np.int64)
         if self.ids.ndim != 1 or not len(self.ids):
@@ -148,13 +150,14 @@ class BatchIterator:
             raise ValueError(f"{num_epochs=} must be >= 1 or None")
         self.records, self.batch_size, self.seq_len = records, batch_size, seq_len
         self.seed, self.pack, self.pad_id, self.shuffle, self.num_epochs = seed, pack, pad_id, shuffle, num_epochs
+        self.stream = stream
         self.epoch, self.cursor = 0, 0
         self._order_epoch, self._order = -1, self.ids
 
     def order(self, epoch: int) -> np.ndarray:
         """The record indices of epoch ``epoch``, in visiting order."""
         if epoch != self._order_epoch:
-            rng = np.random.default_rng([self.seed, epoch])
+            rng = np.random.default_rng([self.seed, epoch] + ([] if self.stream is None else [self.stream]))
             self._order = rng.permutation(self.ids) if self.shuffle else self.ids
             self._order_epoch = epoch
         return self._order
@@ -259,7 +262,7 @@ class TrainData:
 def load_data(path: str | os.PathLike, tokenizer, *, eval_path: str | os.PathLike | None = None,
               eval_fraction: float = 0.0, seed: int = 0, add_bos: bool = False, max_len: int | None = None,
               max_train_records: int | None = None, columns: Mapping[str, str] | None = None,
-              instruction_format: str = "auto") -> TrainData:
+              instruction_format: str = "auto", keep: Callable[[int], bool] | None = None) -> TrainData:
     """Indexes ``path`` (and ``eval_path``) and splits off the held-out records.
 
     Each is a data file or folder in any format of ``sources.py``, its records in any format
@@ -279,7 +282,7 @@ def load_data(path: str | os.PathLike, tokenizer, *, eval_path: str | os.PathLik
     if max_train_records is not None and max_train_records < 0:
         raise ValueError(f"{max_train_records=} must be >= 0 (0 or None: all)")
     is_train = None if eval_path or not eval_fraction else (lambda pos: not in_eval_split(pos, eval_fraction, seed)[0])
-    how = dict(add_bos=add_bos, max_len=max_len, columns=columns, instruction_format=instruction_format)
+    how = dict(add_bos=add_bos, max_len=max_len, columns=columns, instruction_format=instruction_format, keep=keep)
     train = RecordIndex(path, tokenizer, max_records=max_train_records or None, counts=is_train, **how)
     if eval_path:
         evals = RecordIndex(eval_path, tokenizer, **how)

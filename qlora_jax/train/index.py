@@ -38,7 +38,8 @@ class RecordIndex:
     onto the shapes (``formats.canonical``). Indexing tokenizes every record once (to count
     tokens and catch records that do not render), cut to ``max_len`` tokens when given (see
     ``encode_record``). With ``max_records`` it stops after that many usable records for which
-    ``counts(position)`` is true (all, without ``counts``). Bad records (invalid JSON, none of
+    ``counts(position)`` is true (all, without ``counts``). Records whose ``keep(position)`` is
+false are skipped without a word (another process indexes them). Bad records (invalid JSON, none of
     the formats, empty content, wrong types) are skipped, counted and logged. Raises
     ``ValueError`` naming the file and its first bad records when no usable record is found,
     and when the file cannot be read.
@@ -46,7 +47,8 @@ class RecordIndex:
 
     def __init__(self, path: str | os.PathLike, tokenizer, *, add_bos: bool = False, max_len: int | None = None,
                  max_records: int | None = None, counts: Callable[[int], bool] | None = None,
-                 columns: Mapping[str, str] | None = None, instruction_format: str = "auto"):
+                 columns: Mapping[str, str] | None = None, instruction_format: str = "auto",
+                 keep: Callable[[int], bool] | None = None):
         if max_len is not None and max_len < 2:
             raise ValueError(f"{max_len=} must be >= 2 or None")
         self.path, self.tokenizer, self.add_bos, self.max_len = os.fspath(path), tokenizer, add_bos, max_len
@@ -55,6 +57,8 @@ class RecordIndex:
         positions, keys, lengths, trainable, self.bad, self.num_bad = [], [], [], [], [], 0
         counted = 0
         for position, key, value in self.source.scan():
+            if keep is not None and not keep(position):
+                continue
             try:
                 if isinstance(value, RecordError):
                     raise value

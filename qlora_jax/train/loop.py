@@ -44,18 +44,21 @@ from qlora_jax.train.checkpoint import RunCheckpointer
 from qlora_jax.train.config import TrainConfig
 from qlora_jax.train.data import load_data
 from qlora_jax.train.devices import log_devices
+from qlora_jax.train.distributed import (allgather_ints, gather_to_host, initialize_distributed, is_main_process,
+                                         process_tag)
 from qlora_jax.train.formats import parse_columns
-from qlora_jax.train.mesh import batch_sharding, initialize_distributed, make_mesh, shard_tree
+from qlora_jax.train.mesh import batch_sharding, global_batch, make_mesh, process_rows, shard_tree
 from qlora_jax.train.plot import plot_losses
 from qlora_jax.train.progress import Progress
 from qlora_jax.train.report import MetricsLog, read_metrics
 from qlora_jax.train.sinks import Fanout, make_sinks
 from qlora_jax.train.step import make_eval_step, make_train_step
+from qlora_jax.train.streams import StreamedBatches, StreamLayout, eval_batches, global_state
 
 log = logging.getLogger("qlora_jax.train")
 # What a resumed run may change: where it runs (a run folder may be moved), how it reports and
 # which exports it writes at the end, never what it computes.
-RESUME_MAY_CHANGE = ("checkpoint.resume", "mesh.", "output.dir", "output.progress", "output.log_every",
+RESUME_MAY_CHANGE = ("checkpoint.resume", "mesh.", "data.streams", "output.dir", "output.progress", "output.log_every",
                      "output.tensorboard", "output.wandb", "output.export_")
 
 
@@ -72,23 +75,30 @@ def default_train_path(out_dir: str) -> str:
     path = os.path.join(out_dir, "data", "chitchat.jsonl")
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        n = chitchat.write_chitchat_jsonl(path + ".tmp", turns_per_record=6)  # ~160 tokens each: fits 256
-        os.replace(path + ".tmp", path)
+        tmp = f"{path}.tmp{os.getpid()}"  # several processes may write it at once: each its own, same bytes
+        n = chitchat.write_chitchat_jsonl(tmp, turns_per_record=6)  # ~160 tokens each: fits 256
+        os.replace(tmp, path)
         log.info("wrote %d chitchat conversations to %s", n, path)
     return path
 
 
 def _setup_output(config: TrainConfig) -> str:
+    """The output folder, its log (``train.log``; ``train.p<i>.log`` for process ``i > 0``) and ``config.json``."""
     out = os.path.abspath(config.output.dir)
     os.makedirs(out, exist_ok=True)
-    handler = logging.FileHandler(os.path.join(out, "train.log"))
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    tag, main = process_tag(), is_main_process()
+    handler = logging.FileHandler(os.path.join(out, "train.log" if main else f"train.p{jax.process_index()}.log"))
+    formatter = logging.Formatter(f"%(asctime)s {tag + ' ' if tag else ''}%(levelname)s %(name)s: %(message)s")
+    handler.setFormatter(formatter)
     root = logging.getLogger("qlora_jax")
     root.setLevel(logging.INFO)
     root.propagate = False  # one line per message, whatever the root logger has
     root.handlers = [h for h in root.handlers if not isinstance(h, logging.FileHandler)] + [handler]
     if not any(type(h) is logging.StreamHandler for h in root.handlers):
         root.addHandler(logging.StreamHandler())
+    for h in root.handlers:
+        if type(h) is logging.StreamHandler and tag:
+            h.setFormatter(logging.Formatter(f"{tag} %(levelname)s %(name)s: %(message)s"))
     path = os.path.join(out, "config.json")
     if config.checkpoint.resume and os.path.exists(path):
         saved = TrainConfig.from_dict(json.load(open(path, encoding="utf-8")))
@@ -96,8 +106,10 @@ def _setup_output(config: TrainConfig) -> str:
         if diff:
             raise ValueError(f"checkpoint.resume: the config differs from the run in {out}: "
                              + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(config.to_dict(), f, indent=2)
+    if main:  # atomically: the other processes may be reading it for their own check
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(config.to_dict(), f, indent=2)
+        os.replace(path + ".tmp", path)
     return out
 
 
@@ -116,7 +128,9 @@ def sample(model, variables, tokenizer, prompt: str, max_tokens: int) -> str:
 def run(config: TrainConfig) -> dict[str, Any]:
     """Trains per ``config``; returns the summary also written to ``<output.dir>/summary.json``."""
     t_start = time.perf_counter()
-    initialize_distributed()
+    initialize_distributed(config.mesh.coordinator, config.mesh.num_processes, config.mesh.process_id,
+                           config.mesh.timeout_s)
+    main = is_main_process()
     out = _setup_output(config)
     log_devices(log)
     loop, platform = config.loop, jax.default_backend()
@@ -135,24 +149,34 @@ def run(config: TrainConfig) -> dict[str, Any]:
     model = model.clone(backend=config.model.backend)
     log.info("model %s on %s (%s): %s", model_path, platform, dtype.name, trainable_summary(variables))
 
+    mesh = make_mesh(*config.mesh.mesh_shape(jax.device_count()))
+    n_dev = mesh.devices.size
+    if loop.batch_size % n_dev:
+        raise ValueError(f"loop.batch_size={loop.batch_size} must be a multiple of the {n_dev} devices of the mesh")
+    if jax.process_count() > 1 and n_dev != jax.device_count():
+        raise ValueError(f"mesh.data x mesh.fsdp = {n_dev} devices: with several processes the mesh must span all "
+                         f"{jax.device_count()} devices")
+    b_sh = batch_sharding(mesh)
+    layout = StreamLayout.for_rows(config.data.streams or jax.process_count(), loop.batch_size,
+                                   process_rows(b_sh, loop.batch_size))
+    if layout.num_streams > 1 and config.data.max_train_records:
+        raise ValueError(f"data.max_train_records={config.data.max_train_records} needs a single data stream "
+                         f"(data.streams is {layout.num_streams}): cut the file instead")
+
     data = load_data(config.data.train_path or default_train_path(out), tokenizer,
                      eval_path=config.data.eval_path or None,
                      eval_fraction=0.0 if config.data.eval_path else config.data.eval_fraction,
                      seed=loop.seed, max_len=config.data.seq_len,
                      max_train_records=config.data.max_train_records or None,
-                     columns=parse_columns(config.data.columns), instruction_format=config.data.instruction_format)
+                     columns=parse_columns(config.data.columns), instruction_format=config.data.instruction_format,
+                     keep=layout.keeps if layout.num_streams > 1 else None)
     pad_id = tokenizer.eos_id or 0
     seq = config.data.seq_len
-    train_iter = data.iterator(loop.batch_size, seq, pack=config.data.packing, pad_id=pad_id)
-    total = loop.num_steps(train_iter.sequences_per_epoch()) if loop.epochs else loop.steps
+    train_iter = StreamedBatches(data, layout, seq, pack=config.data.packing, pad_id=pad_id)
+    total = loop.num_steps(int(allgather_ints(train_iter.sequences_per_epoch()).sum())) if loop.epochs else loop.steps
     evaluating = loop.eval_every > 0 and data.num_eval_records > 0
-    eval_batch = _stack(data.eval_batches(loop.eval_batches, loop.batch_size, seq, pack=config.data.packing,
-                                          pad_id=pad_id)) if evaluating else None
-
-    mesh = make_mesh(*config.mesh.mesh_shape(jax.device_count()))
-    n_dev = mesh.devices.size
-    if loop.batch_size % n_dev:
-        raise ValueError(f"loop.batch_size={loop.batch_size} must be a multiple of the {n_dev} devices of the mesh")
+    eval_batch = global_batch(b_sh, _stack(eval_batches(data, layout, loop.eval_batches, seq, pack=config.data.packing,
+                                                        pad_id=pad_id)), loop.batch_size) if evaluating else None
     params, frozen = split_trainable(variables)
     params, frozen = shard_tree(mesh, params), shard_tree(mesh, frozen)
     tx = make_optimizer(config.optim, total, skip_nonfinite=True)
@@ -163,7 +187,6 @@ def run(config: TrainConfig) -> dict[str, Any]:
 
     rep = NamedSharding(mesh, P())
     p_sh, s_sh, f_sh = host_shardings(params), host_shardings(opt_state), host_shardings(frozen)
-    b_sh = batch_sharding(mesh)
     loss_chunk = config.model.loss_chunk
     train_step = jax.jit(make_train_step(model, tx, loss_chunk), in_shardings=(p_sh, s_sh, f_sh, b_sh, rep),
                          out_shardings=(p_sh, s_sh, rep), donate_argnums=(0, 1))
@@ -186,15 +209,16 @@ def run(config: TrainConfig) -> dict[str, Any]:
             start = latest
             log.info("resumed from step %d (%s)", latest, ckpt.directory)
     # a fresh run (start 0) drops every earlier row, its step-0 eval included; a resumed one keeps rows up to start
-    metrics = Fanout(MetricsLog(os.path.join(out, "metrics.jsonl"), truncate_after_step=start if start else -1),
-                     *make_sinks(config.output, out, start, config.to_dict()))
+    metrics = Fanout(*([MetricsLog(os.path.join(out, "metrics.jsonl"), truncate_after_step=start if start else -1)]
+                       if main else []), *make_sinks(config.output, out, start, config.to_dict()))
     summary: dict[str, Any] = {"model": model_path, "steps": total, "start_step": start, "devices": n_dev,
-                               "platform": platform, "trainable": trainable_summary(variables)}
+                               "processes": jax.process_count(), "process": jax.process_index(), "platform": platform,
+                               "fsdp_sharded_leaves": _count_sharded(params, frozen),
+                               "trainable": trainable_summary(variables)}
     sampling = bool(loop.sample_prompt) and loop.sample_tokens > 0
     if start == 0:
         if sampling:
-            summary["sample_before"] = sample(model, merge(params, frozen), tokenizer, loop.sample_prompt, loop.sample_tokens)
-            log.info("sample before training: %r", summary["sample_before"])
+            summary["sample_before"] = _sample(model, params, frozen, tokenizer, loop)
         if evaluating:
             loss, ppl = evaluate()
             metrics.write(step=0, eval_loss=loss, eval_ppl=ppl)
@@ -203,7 +227,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     progress = Progress.for_run(total, start, config.output.progress, config.output.progress_bar)
     bad, tokens_seen, train_seconds = 0, 0, 0.0
     for step in range(start, total):
-        batch = _stack([next(train_iter) for _ in range(loop.grad_accum)])
+        batch = global_batch(b_sh, _stack([next(train_iter) for _ in range(loop.grad_accum)]), loop.batch_size)
         t0 = time.perf_counter()
         params, opt_state, m = train_step(params, opt_state, frozen, batch, jax.random.fold_in(key, step))
         loss = float(m.loss)
@@ -232,33 +256,60 @@ def run(config: TrainConfig) -> dict[str, Any]:
             metrics.write(step=done, eval_loss=loss_e, eval_ppl=ppl)
             log.info("step %d: held-out loss %.4f (perplexity %.2f)", done, loss_e, ppl)
         if ckpt.due(done) or (config.checkpoint.every and done == total):
-            ckpt.save(done, params, opt_state, train_iter.state(), key)
+            ckpt.save(done, params, opt_state, global_state(allgather_ints(train_iter.local_state())), key)
     progress.close()
     ckpt.close()
     metrics.close()
 
     if sampling:
-        summary["sample_after"] = sample(model, merge(params, frozen), tokenizer, loop.sample_prompt, loop.sample_tokens)
-        log.info("sample after training: %r", summary["sample_after"])
-    if config.output.export_peft:
-        save_peft_adapter(os.path.join(out, "adapter"), jax.device_get(params), lora, base_model_name_or_path=model_path)
-    merged = None
-    if config.output.export_merged:
-        base = read_hf_config(model_path) if os.path.isdir(model_path) else None
-        merged = save_merged(os.path.join(out, "merged"), model.config,
-                             merge(jax.device_get(params), jax.device_get(frozen)), lora, base_config=base)
-    if config.output.export_gguf:
-        source = merged if merged is not None else merge(jax.device_get(params), jax.device_get(frozen))
-        path = save_gguf(os.path.join(out, "model.gguf"), model.config, source, tokenizer, lora=lora,
-                         dtype=config.output.export_gguf, name=os.path.basename(out), overwrite=True)
-        log.info("wrote %s (%s)", path, config.output.export_gguf)
-    if config.output.plot:
-        plot_losses(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
-    summary.update(_loss_summary(os.path.join(out, "metrics.jsonl")), tokens_per_s=tokens_seen / max(train_seconds, 1e-9),
-                   seconds=time.perf_counter() - t_start)
-    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+        summary["sample_after"] = _sample(model, params, frozen, tokenizer, loop, after=True)
+    _export(config, out, model, params, frozen, tokenizer, model_path, main)
+    summary.update(tokens_per_s=tokens_seen / max(train_seconds, 1e-9), seconds=time.perf_counter() - t_start)
+    if main:
+        if config.output.plot:
+            plot_losses(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
+        summary.update(_loss_summary(os.path.join(out, "metrics.jsonl")))
+        with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
     return summary
+
+
+def _count_sharded(*trees) -> int:
+    """How many arrays of ``trees`` are split over devices (not replicated)."""
+    return sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(trees))
+
+
+def _sample(model, params, frozen, tokenizer, loop, after: bool = False) -> str | None:
+    """The sample answer (logged); with several processes the weights are gathered and process 0 answers."""
+    if jax.process_count() > 1:
+        params, frozen = gather_to_host((params, frozen))
+        if not is_main_process():
+            return None
+    text = sample(model, merge(params, frozen), tokenizer, loop.sample_prompt, loop.sample_tokens)
+    log.info("sample %s training: %r", "after" if after else "before", text)
+    return text
+
+
+def _export(config: TrainConfig, out: str, model, params, frozen, tokenizer, model_path: str, main: bool) -> None:
+    """The PEFT adapter, merged model and GGUF file asked for, written by process 0 (all gather the weights)."""
+    output, lora = config.output, config.lora
+    if not (output.export_peft or output.export_merged or output.export_gguf):
+        return
+    whole = output.export_merged or output.export_gguf
+    params, frozen = gather_to_host((params, frozen if whole else None))
+    if not main:
+        return
+    if output.export_peft:
+        save_peft_adapter(os.path.join(out, "adapter"), params, lora, base_model_name_or_path=model_path)
+    merged = None
+    if output.export_merged:
+        base = read_hf_config(model_path) if os.path.isdir(model_path) else None
+        merged = save_merged(os.path.join(out, "merged"), model.config, merge(params, frozen), lora, base_config=base)
+    if output.export_gguf:
+        source = merged if merged is not None else merge(params, frozen)
+        path = save_gguf(os.path.join(out, "model.gguf"), model.config, source, tokenizer, lora=lora,
+                         dtype=output.export_gguf, name=os.path.basename(out), overwrite=True)
+        log.info("wrote %s (%s)", path, output.export_gguf)
 
 
 def _loss_summary(metrics_path: str) -> dict[str, float]:

@@ -9,15 +9,12 @@
   ``(L, ...)``) is never sharded: the layer scan slices it, and a sharded layer axis
   would make every step of the scan fetch its slice from one device. Under jit XLA gathers a weight where a layer needs it
   (FSDP), so no device holds every layer's weights at once.
-* ``initialize_distributed()`` calls ``jax.distributed.initialize()`` when the
-  usual multi-host variables are set (``JAX_COORDINATOR_ADDRESS``, or a
-  cluster JAX detects itself: SLURM, Open MPI), and does nothing on one host.
+* Several processes (``distributed.py``): the mesh spans every process's devices, in
+  ``jax.devices()`` order; ``process_rows`` says which rows of a batch this process's
+  devices hold, and ``global_batch`` assembles the global batch from each process's rows.
 """
 
 from __future__ import annotations
-
-import logging
-import os
 
 import jax
 import numpy as np
@@ -26,17 +23,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from qlora_jax.models.stacking import LAYERS
 
 MIN_SHARDED = 2**14
-_MULTI_HOST_VARS = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
-log = logging.getLogger(__name__)
-
-
-def initialize_distributed() -> bool:
-    """``jax.distributed.initialize()`` if a multi-host environment is set; True when it ran."""
-    if not any(v in os.environ for v in _MULTI_HOST_VARS):
-        return False
-    jax.distributed.initialize()
-    log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
-    return True
 
 
 def make_mesh(data: int, fsdp: int) -> Mesh:
@@ -51,6 +37,26 @@ def make_mesh(data: int, fsdp: int) -> Mesh:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """``(A, B, T)`` batches: rows over every device."""
     return NamedSharding(mesh, P(None, ("data", "fsdp")))
+
+
+def process_rows(sharding: NamedSharding, batch_size: int) -> tuple[int, int]:
+    """``[start, stop)``: the rows of a ``(A, batch_size, T)`` batch that this process's devices hold."""
+    spans = {(idx[1].start or 0, batch_size if idx[1].stop is None else idx[1].stop)
+             for idx in sharding.addressable_devices_indices_map((1, batch_size, 1)).values()}
+    spans = sorted(spans)
+    start, stop = spans[0]
+    for a, b in spans[1:]:
+        if a > stop:
+            raise ValueError(f"this process's devices hold rows {spans} of the batch, not one block: the mesh must "
+                             "list each process's devices together")
+        stop = max(stop, b)
+    return start, stop
+
+
+def global_batch(sharding: NamedSharding, local: dict[str, np.ndarray], batch_size: int) -> dict[str, jax.Array]:
+    """The ``(A, batch_size, T)`` arrays whose rows ``process_rows`` are ``local``'s ``(A, rows, T)`` arrays."""
+    return {k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0], batch_size, *v.shape[2:]))
+            for k, v in local.items()}
 
 
 def leaf_sharding(mesh: Mesh, shape: tuple[int, ...], stacked: bool = False) -> NamedSharding:
