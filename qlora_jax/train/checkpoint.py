@@ -6,7 +6,12 @@ steps. Each checkpoint is a composite of
 * ``params``: the LoRA tree (``StandardSave``: arrays, bit for bit);
 * ``opt_state``: the optimizer state, host-offloaded or not;
 * ``meta``: JSON ``{"step", "data", "rng"}``: the next step to run, the data
-  iterator's state, and the run's base key as integers.
+  position (``streams.global_state``: every stream's, gathered from all processes), and
+  the run's base key as integers.
+
+With several processes (``distributed.py``) every process calls ``save`` and ``restore``
+with its global arrays; Orbax writes each process's shards and process 0 finalizes, so the
+folder must be shared by all hosts.
 
 Orbax writes a checkpoint into a temporary folder and renames it once every
 part is on disk; a run killed mid-save leaves an unfinalized folder that

@@ -6,6 +6,8 @@
 3. Data: JSONL (default: the chitchat conversations) indexed and split; fixed-shape
    packed batches, ``grad_accum`` micro-batches per step.
 4. Devices: a ``(data, fsdp)`` mesh; batches over all devices, large leaves over fsdp.
+   Several processes (``distributed.py``, started from ``mesh.coordinator`` & co.): each builds
+   its rows of every batch from its data streams (``streams.py``); process 0 alone writes files.
 5. Optimizer: ``make_optimizer`` (clip, AdamW fp32 / 8-bit, host offload), skipping
    non-finite steps; the run stops after ``loop.max_bad_steps`` in a row.
 6. Loop: jitted step with donated params and state; metrics appended to
@@ -58,7 +60,7 @@ from qlora_jax.train.streams import StreamedBatches, StreamLayout, eval_batches,
 log = logging.getLogger("qlora_jax.train")
 # What a resumed run may change: where it runs (a run folder may be moved), how it reports and
 # which exports it writes at the end, never what it computes.
-RESUME_MAY_CHANGE = ("checkpoint.resume", "mesh.", "data.streams", "output.dir", "output.progress", "output.log_every",
+RESUME_MAY_CHANGE = ("checkpoint.resume", "mesh.", "data.streams", "loop.sample_", "output.dir", "output.progress", "output.log_every",
                      "output.tensorboard", "output.wandb", "output.export_")
 
 
