@@ -38,7 +38,7 @@ SPEC_DEFAULTS = {
     "lora": {"rank": 16, "alpha": 32.0, "dropout": 0.05, "use_rslora": False, "targets": ALL, "use_dora": False,
              "fp32_output": False},
     "data": {"train_path": "", "eval_path": "", "eval_fraction": 0.02, "seq_len": 256, "packing": True,
-             "max_train_records": 0, "columns": [], "instruction_format": "auto"},
+             "max_train_records": 0, "columns": [], "instruction_format": "auto", "streams": 0},
     "optim": {"learning_rate": 1e-3, "schedule": "constant", "warmup_ratio": 0.03, "final_lr_ratio": 0.0,
               "max_grad_norm": 0.3, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "state_bits": 32,
               "offload": False, "offload_per_layer": False, "lora_plus_ratio": 1.0},
@@ -48,7 +48,7 @@ SPEC_DEFAULTS = {
     "output": {"dir": "runs/default", "log_every": 1, "progress": True, "progress_bar": "auto", "tensorboard": True,
                "wandb": False, "wandb_project": "qlora-jax", "plot": True, "export_peft": True, "export_merged": False,
                "export_gguf": ""},
-    "mesh": {"data": -1, "fsdp": 1},
+    "mesh": {"data": -1, "fsdp": 1, "coordinator": "", "num_processes": 0, "process_id": -1, "timeout_s": 300},
 }
 
 
@@ -237,6 +237,11 @@ BAD = [  # (flags, the dotted path the message must name)
     ({"mesh.data": "0"}, "mesh.data"),
     ({"mesh.data": "-2"}, "mesh.data"),
     ({"mesh.fsdp": "0"}, "mesh.fsdp"),
+    ({"mesh.num_processes": "-1"}, "mesh.num_processes"),
+    ({"mesh.num_processes": "2", "mesh.process_id": "2"}, "mesh.process_id"),
+    ({"mesh.process_id": "-2"}, "mesh.process_id"),
+    ({"mesh.timeout_s": "0"}, "mesh.timeout_s"),
+    ({"data.streams": "-1"}, "data.streams"),
 ]
 
 
