@@ -10,12 +10,11 @@
    its rows of every batch from its data streams (``streams.py``); process 0 alone writes files.
 5. Optimizer: ``make_optimizer`` (clip, AdamW fp32 / 8-bit, host offload), skipping
    non-finite steps; the run stops after ``loop.max_bad_steps`` in a row.
-6. Loop: jitted step with donated params and state; metrics appended to
-   ``metrics.jsonl``; held-out loss and perplexity every ``loop.eval_every``
-   steps; Orbax checkpoints every ``checkpoint.every`` (``checkpoint.resume``
-   continues step for step as if never stopped).
-7. End: samples before and after, PEFT adapter (and merged model, GGUF file), ``loss.png``,
-   ``summary.json``.
+6. Loop: a ``trainer.Trainer`` over the jitted step (donated params and state), metrics in
+   ``metrics.jsonl``; its hooks: held-out loss and perplexity every ``loop.eval_every`` steps,
+   Orbax checkpoints every ``checkpoint.every`` (``checkpoint.resume`` continues step for step as
+   if never stopped), samples before and after, the exports at the end.
+7. End: PEFT adapter (and merged model, GGUF file), ``loss.png``, ``summary.json``.
 """
 
 from __future__ import annotations
@@ -56,6 +55,7 @@ from qlora_jax.train.report import MetricsLog, read_metrics
 from qlora_jax.train.sinks import Fanout, make_sinks
 from qlora_jax.train.step import make_eval_step, make_train_step
 from qlora_jax.train.streams import StreamedBatches, StreamLayout, eval_batches, global_state
+from qlora_jax.train.trainer import Trainer, TrainState
 
 log = logging.getLogger("qlora_jax.train")
 # What a resumed run may change: where it runs (a run folder may be moved), how it reports and
@@ -194,13 +194,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
                          out_shardings=(p_sh, s_sh, rep), donate_argnums=(0, 1))
     eval_step = jax.jit(make_eval_step(model, loss_chunk), in_shardings=(p_sh, f_sh, b_sh), out_shardings=(rep, rep))
 
-    def evaluate() -> tuple[float, float]:
-        total_nll, count = eval_step(params, frozen, eval_batch)
-        loss = float(total_nll) / max(float(count), 1.0)
-        return loss, math.exp(min(loss, 50.0))
-
     ckpt = RunCheckpointer(os.path.join(out, "checkpoints"), config.checkpoint.every, config.checkpoint.keep)
-    start = 0
+    state = TrainState(0, params, opt_state, key)
     if config.checkpoint.resume:
         latest = ckpt.latest_step()
         if latest is None:
@@ -208,8 +203,9 @@ def run(config: TrainConfig) -> dict[str, Any]:
         else:
             params, opt_state, data_state, key = ckpt.restore(latest, params, opt_state)
             train_iter.restore(data_state)
-            start = latest
+            state = TrainState(latest, params, opt_state, key)
             log.info("resumed from step %d (%s)", latest, ckpt.directory)
+    start = state.step
     # a fresh run (start 0) drops every earlier row, its step-0 eval included; a resumed one keeps rows up to start
     metrics = Fanout(*([MetricsLog(os.path.join(out, "metrics.jsonl"), truncate_after_step=start if start else -1)]
                        if main else []), *make_sinks(config.output, out, start, config.to_dict()))
@@ -217,56 +213,47 @@ def run(config: TrainConfig) -> dict[str, Any]:
                                "processes": jax.process_count(), "process": jax.process_index(), "platform": platform,
                                "fsdp_sharded_leaves": _count_sharded(params, frozen),
                                "trainable": trainable_summary(variables)}
-    sampling = bool(loop.sample_prompt) and loop.sample_tokens > 0
-    if start == 0:
-        if sampling:
-            summary["sample_before"] = _sample(model, params, frozen, tokenizer, loop)
-        if evaluating:
-            loss, ppl = evaluate()
-            metrics.write(step=0, eval_loss=loss, eval_ppl=ppl)
-            log.info("step 0: held-out loss %.4f (perplexity %.2f)", loss, ppl)
+
+    def batches():
+        while True:
+            yield global_batch(b_sh, _stack([next(train_iter) for _ in range(loop.grad_accum)]), loop.batch_size)
 
     progress = Progress.for_run(total, start, config.output.progress, config.output.progress_bar)
-    bad, tokens_seen, train_seconds = 0, 0, 0.0
-    for step in range(start, total):
-        batch = global_batch(b_sh, _stack([next(train_iter) for _ in range(loop.grad_accum)]), loop.batch_size)
-        t0 = time.perf_counter()
-        params, opt_state, m = train_step(params, opt_state, frozen, batch, jax.random.fold_in(key, step))
-        loss = float(m.loss)
-        dt = time.perf_counter() - t0
-        done = step + 1
-        n_tokens = int(np.prod(batch["tokens"].shape))
-        if step > start:  # the first step compiles
-            tokens_seen, train_seconds = tokens_seen + n_tokens, train_seconds + dt
-        finite = bool(m.finite)
-        bad = 0 if finite else bad + 1
-        if done % config.output.log_every == 0 or not finite or done == total:
-            metrics.write(step=done, loss=loss, grad_norm=float(m.grad_norm), lr=float(schedule(step)),
-                          target_tokens=int(m.tokens), tokens_per_s=n_tokens / dt, seconds=dt, finite=finite)
-            progress.update(done, loss, n_tokens / dt)
-        if not finite:
-            log.warning("step %d: non-finite loss or gradient (loss=%s); update skipped (%d in a row)", done, loss, bad)
-            if bad >= loop.max_bad_steps:
-                progress.close()
-                ckpt.close()
-                metrics.close()
-                raise RuntimeError(f"stopped at step {done}: {bad} consecutive steps with a non-finite loss or "
-                                   f"gradient (loop.max_bad_steps={loop.max_bad_steps}); lower optim.learning_rate "
-                                   f"or check the data; the last good checkpoint is in {ckpt.directory}")
-        if evaluating and (done % loop.eval_every == 0 or done == total):
-            loss_e, ppl = evaluate()
-            metrics.write(step=done, eval_loss=loss_e, eval_ppl=ppl)
-            log.info("step %d: held-out loss %.4f (perplexity %.2f)", done, loss_e, ppl)
-        if ckpt.due(done) or (config.checkpoint.every and done == total):
-            ckpt.save(done, params, opt_state, global_state(allgather_ints(train_iter.local_state())), key)
-    progress.close()
-    ckpt.close()
-    metrics.close()
+    trainer = Trainer(lambda p, s, b, r: train_step(p, s, frozen, b, r), batches(), total, metrics=metrics,
+                      progress=progress, lr_at=lambda step: float(schedule(step)), log_every=config.output.log_every,
+                      max_bad_steps=loop.max_bad_steps, checkpoint_dir=ckpt.directory)
+    if evaluating:
+        def eval_hook(trainer: Trainer, state: TrainState) -> None:
+            total_nll, count = eval_step(state.params, frozen, eval_batch)
+            loss = float(total_nll) / max(float(count), 1.0)
+            trainer.metrics.write(step=state.step, eval_loss=loss, eval_ppl=math.exp(min(loss, 50.0)))
+            log.info("step %d: held-out loss %.4f (perplexity %.2f)", state.step, loss, math.exp(min(loss, 50.0)))
 
-    if sampling:
-        summary["sample_after"] = _sample(model, params, frozen, tokenizer, loop, after=True)
-    _export(config, out, model, params, frozen, tokenizer, model_path, main)
-    summary.update(tokens_per_s=tokens_seen / max(train_seconds, 1e-9), seconds=time.perf_counter() - t_start)
+        trainer.add_hook("eval", eval_hook, loop.eval_every, at_start=True, at_end=True)
+    if config.checkpoint.every:
+        def checkpoint_hook(trainer: Trainer, state: TrainState) -> None:
+            data_state = global_state(allgather_ints(train_iter.local_state()))  # a collective: every process
+            if ckpt.latest_step() != state.step:
+                ckpt.save(state.step, state.params, state.opt_state, data_state, state.key)
+
+        trainer.add_hook("checkpoint", checkpoint_hook, config.checkpoint.every, at_end=True)
+    if loop.sample_prompt and loop.sample_tokens > 0:
+        def sample_hook(trainer: Trainer, state: TrainState) -> None:
+            after = state.step == trainer.total
+            summary["sample_after" if after else "sample_before"] = _sample(model, state.params, frozen, tokenizer,
+                                                                            loop, after=after)
+
+        trainer.add_hook("sample", sample_hook, at_start=True, at_end=True)
+    trainer.add_hook("export", lambda trainer, state: _export(config, out, model, state.params, frozen, tokenizer,
+                                                               model_path, main), at_end=True)
+    try:
+        state = trainer.train(state)
+    finally:
+        progress.close()
+        ckpt.close()
+        metrics.close()
+
+    summary.update(tokens_per_s=trainer.tokens_per_s, seconds=time.perf_counter() - t_start)
     if main:
         if config.output.plot:
             plot_losses(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))

@@ -34,6 +34,18 @@ def tiny(tmp_path_factory):
     return write_tiny_model(str(base / "model")), write_chats(str(base / "chats.jsonl"), 300)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory, monkeypatch_module):
+    """One persistent XLA cache for the module's runs: a restarted run compiles nothing again."""
+    monkeypatch_module.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("xla_cache")))
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
 def _args(tiny, out, *extra):
     model, chats = tiny
     return ["--model.path", model, "--data.train_path", chats, "--data.seq_len", "64", "--data.eval_fraction", "0.1",
