@@ -61,18 +61,29 @@ def sequence_logps(logps: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(mask > 0, logps, 0.0), axis=-1)
 
 
-def reference_logps(model, frozen, micro: dict[str, Any], loss_chunk: int = 0) -> jax.Array:
-    """``(R,)`` completion log-probs of the reference policy: ``model`` with LoRA off, on ``frozen`` alone, no gradient."""
-    reference = model.clone(lora_enabled=False)
-    logps = token_logps(reference, frozen, micro, None, True, loss_chunk)
+def reference_logps(model, frozen, micro: dict[str, Any], loss_chunk: int = 0, params=None) -> jax.Array:
+    """``(R,)`` completion log-probs of the reference policy, without gradient.
+
+    ``params`` None: ``model`` with LoRA off, on ``frozen`` alone (the base: TRL's reference for a
+    new adapter). ``params`` given: those adapters, held fixed (TRL's frozen "ref" copy when
+    re-training an existing adapter, e.g. DPO from an SFT adapter; precompute it once with
+    ``make_reference_step``).
+    """
+    if params is None:
+        model, variables = model.clone(lora_enabled=False), frozen
+    else:
+        variables = merge(jax.lax.stop_gradient(params), frozen)
+    logps = token_logps(model, variables, micro, None, True, loss_chunk)
     return jax.lax.stop_gradient(sequence_logps(logps, micro["loss_mask"]))
 
 
 def make_reference_step(model, loss_chunk: int = 0) -> Callable:
-    """``reference_step(frozen, batch) -> (A, 2P)`` reference log-probs, to store as ``batch["ref_logps"]`` (not jitted)."""
+    """``reference_step(frozen, batch, params=None) -> (A, 2P)`` reference log-probs (``reference_logps``), to store
+    as ``batch["ref_logps"]`` (not jitted)."""
 
-    def reference_step(frozen, batch):
-        return jax.lax.map(lambda micro: reference_logps(model, frozen, micro, loss_chunk), _model_inputs(batch))
+    def reference_step(frozen, batch, params=None):
+        return jax.lax.map(lambda micro: reference_logps(model, frozen, micro, loss_chunk, params),
+                           _model_inputs(batch))
 
     return reference_step
 
