@@ -1,6 +1,8 @@
 """DPO and ORPO against TRL 1.16 (``DPOTrainer``, ``trl.experimental.orpo.ORPOTrainer``) on a tiny Llama with LoRA.
 
-Both sides hold the same model: the tiny float32 Llama folder (``tinymodel``), LoRA on their side
+Both sides hold the same model: the tiny float32 Llama folder (``tinymodel``), or its NF4 bytes as
+bitsandbytes writes them (QLoRA; TRL casts a 4-bit model's adapters to bf16, set back to float32
+here: float32 is what is compared), LoRA on their side
 through peft with our adapter's weights (random ``A`` and non-zero ``B``, so the policy is not the
 reference), and the same pairs, laid out by ``preference_batch``. Their log-probs come from the
 peft model's own forward (TRL's fused head for DPO, ``get_batch_logps`` for ORPO) and their
@@ -49,17 +51,47 @@ WORDS = ["hello", "how", "are", "you", "fine", "thanks", "what", "is", "the", "w
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """``(folder, model, params, frozen, batch, adapter folder)``: the tiny model, perturbed LoRA, P pairs."""
+def setups(tmp_path_factory):
+    """``setups(base)``: ``_build``'s tuple for base "float" or "nf4", built once per module."""
+    cache = {}
+
+    def get(base: str):
+        if base not in cache:
+            cache[base] = _build(tmp_path_factory.mktemp(base), base)
+        return cache[base]
+
+    return get
+
+
+def _build(root, base: str):
+    """``(folder, model, params, frozen, batch, adapter folder)``: the tiny model, perturbed LoRA, P pairs.
+
+    ``base`` "nf4": transformers + bitsandbytes quantize the tiny model (NF4, double quant) and save
+    it, and both sides read those bytes (bnb's CPU matmul dequantizes to float32 in train mode,
+    as in tests/models/test_dora_peft.py): QLoRA on both sides.
+    """
+    import shutil
+
     import qlora_jax as qj
+    from qlora_jax.layers import QuantConfig
     from qlora_jax.models.export import save_peft_adapter
     from qlora_jax.models.tokenizer import tokenizer_from_hf_folder
     from tinymodel import write_tiny_model
 
-    root = tmp_path_factory.mktemp("pref")
     folder = write_tiny_model(str(root / "model"))
-    model, v, _ = qj.from_pretrained(folder, quantization=None, lora=LORA, dtype=jnp.float32,
-                                     base_dtype=jnp.float32)
+    quant = None
+    if base == "nf4":
+        import torch
+        import transformers
+
+        bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+        transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, quantization_config=bnb) \
+            .save_pretrained(root / "nf4")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(root / "model" / name, root / "nf4" / name)
+        folder, quant = str(root / "nf4"), QuantConfig("nf4", 64, True)
+    model, v, _ = qj.from_pretrained(folder, quantization=quant, lora=LORA, dtype=jnp.float32, base_dtype=jnp.float32)
     rng = np.random.default_rng(19)
     params, frozen = split_trainable(v)
     params = jax.tree.map(lambda p: p + jnp.asarray(rng.standard_normal(p.shape) * 0.1, p.dtype), params)
@@ -86,6 +118,9 @@ def _their_model(folder, adapter, trainer_cls, config):
     peft_config = peft.LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, lora_dropout=0.0,
                                   target_modules=list(LORA.targets))
     trainer = trainer_cls(model=hf, args=config, train_dataset=data, processing_class=tok, peft_config=peft_config)
+    for param in trainer.model.parameters():  # TRL 1.16 casts a 4-bit model's adapters to bf16: float32 again
+        if param.requires_grad:
+            param.data = param.data.float()
     result = peft.set_peft_model_state_dict(trainer.model, load_file(adapter / "adapter_model.safetensors"))
     assert not result.unexpected_keys
     trainer.model.train()
@@ -136,7 +171,7 @@ def _their_dpo(setup, loss_type: str, beta: float, eps: float, swap: bool = Fals
 
     folder, _, params, _, batch, adapter = setup
     config = trl.DPOConfig(output_dir=str(adapter.parent / "trl"), beta=beta, loss_type=[loss_type],
-                           label_smoothing=eps, report_to="none", use_cpu=True)
+                           label_smoothing=eps, report_to="none", use_cpu=True, bf16=False)
     trainer = _their_model(folder, adapter, trl.DPOTrainer, config)
     loss = trainer.compute_loss(trainer.model, _dpo_inputs(batch, swap))
     loss.backward()
@@ -155,8 +190,10 @@ def _check_metrics(ours, theirs, atol, names):
         assert abs(ours[name] - theirs[name]) <= atol, (name, ours[name], theirs[name], atol)
 
 
-@pytest.mark.parametrize("loss_type, beta", [("sigmoid", 0.1), ("robust", 0.3), ("ipo", 0.5)])
-def test_dpo_matches_trl(setup, loss_type, beta):
+@pytest.mark.parametrize("base, loss_type, beta", [("float", "sigmoid", 0.1), ("float", "robust", 0.3),
+                                                   ("float", "ipo", 0.5), ("nf4", "sigmoid", 0.1)])
+def test_dpo_matches_trl(setups, base, loss_type, beta):
+    setup = setups(base)
     _, model, params, frozen, batch, _ = setup
     eps = 0.1 if loss_type == "robust" else 0.0
     loss, theirs, grads = _their_dpo(setup, loss_type, beta, eps)
@@ -174,7 +211,8 @@ def test_dpo_matches_trl(setup, loss_type, beta):
     assert_trees_close(our_grads, grads, reorder_rtol(N_BWD))
 
 
-def test_cdpo_label_smoothing_is_trl_sigmoid_of_pairs_and_swapped_pairs(setup):
+def test_cdpo_label_smoothing_is_trl_sigmoid_of_pairs_and_swapped_pairs(setups):
+    setup = setups("float")
     _, model, params, frozen, batch, _ = setup
     beta, eps = 0.2, 0.15
     loss, theirs, grads = _their_dpo(setup, "sigmoid", beta, 0.0)
@@ -201,12 +239,13 @@ def _orpo_inputs(batch):
     return out
 
 
-def test_orpo_matches_trl(setup):
+@pytest.mark.parametrize("base", ["float", "nf4"])
+def test_orpo_matches_trl(setups, base):
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    folder, model, params, frozen, batch, adapter = setup
+    folder, model, params, frozen, batch, adapter = setups(base)
     beta = 0.25
-    config = ORPOConfig(output_dir=str(adapter.parent / "orpo"), beta=beta, report_to="none", use_cpu=True)
+    config = ORPOConfig(output_dir=str(adapter.parent / "orpo"), beta=beta, report_to="none", use_cpu=True, bf16=False)
     trainer = _their_model(folder, adapter, ORPOTrainer, config)
     loss, theirs = trainer.get_batch_loss_metrics(trainer.model, _orpo_inputs(batch))
     loss.backward()
