@@ -38,7 +38,7 @@ import optax
 from qlora_jax.layers import merge
 from qlora_jax.models.decoder import head_table
 from qlora_jax.train.loss import token_nll
-from qlora_jax.train.preference_loss import check_dpo_args, dpo_loss, orpo_loss
+from qlora_jax.train.preference_loss import check_beta, check_dpo_args, dpo_loss, orpo_loss
 
 PREFERENCE_KEYS = ("tokens", "targets", "loss_mask", "target_mask", "segment_ids", "positions")
 
@@ -144,7 +144,7 @@ def orpo_objective(model, *, beta: float = 0.1, loss_chunk: int = 0) -> Callable
     The chosen NLL over every real target of the chosen rows (prompt included, as TRL) plus the
     odds-ratio term on completion log-probs averaged per row (``preference_loss.orpo_loss``).
     """
-    orpo_loss(jnp.full((1,), -1.0), jnp.full((1,), -1.0), beta=beta)  # validates beta
+    check_beta(beta)
 
     def objective(params, frozen, micro, rng, totals, deterministic):
         mask = micro["loss_mask"]

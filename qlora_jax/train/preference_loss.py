@@ -52,10 +52,15 @@ import jax.numpy as jnp
 DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo")
 
 
-def check_dpo_args(beta: float, loss_type: str, label_smoothing: float) -> None:
-    """``ValueError`` naming the argument when ``beta``, ``loss_type`` or ``label_smoothing`` is out of range."""
+def check_beta(beta: float) -> None:
+    """``ValueError`` unless ``beta`` is a number > 0 (DPO's inverse temperature, ORPO's lambda)."""
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
         raise ValueError(f"beta={beta!r} must be a number > 0")
+
+
+def check_dpo_args(beta: float, loss_type: str, label_smoothing: float) -> None:
+    """``ValueError`` naming the argument when ``beta``, ``loss_type`` or ``label_smoothing`` is out of range."""
+    check_beta(beta)
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not one of {DPO_LOSS_TYPES}")
     top = 0.5 if loss_type == "robust" else 1.0
@@ -126,8 +131,7 @@ def orpo_loss(chosen_avg_logps: jax.Array, rejected_avg_logps: jax.Array, *, bet
     completion tokens, each ``< 0``. The chosen NLL term and the ``nll_loss`` metric are the
     step's (module docstring).
     """
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
-        raise ValueError(f"beta={beta!r} must be a number > 0")
+    check_beta(beta)
     a_c = jnp.asarray(chosen_avg_logps, jnp.float32)
     a_r = jnp.asarray(rejected_avg_logps, jnp.float32)
     log_odds = (a_c - a_r) - (log1mexp(a_c) - log1mexp(a_r))
