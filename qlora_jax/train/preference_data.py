@@ -38,7 +38,7 @@ FIELDS = ("prompt", "chosen", "rejected")
 
 
 class PreferencePair(NamedTuple):
-    """The two rows of one record: ``Example`` s (``tokens``, ``trainable``) of prompt + chosen and prompt + rejected."""
+    """One record's two rows, ``Example`` s (``tokens``, ``trainable``): prompt + chosen, prompt + rejected."""
 
     chosen: Example
     rejected: Example

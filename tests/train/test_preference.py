@@ -13,8 +13,8 @@ import pytest
 from qlora_jax.layers import QuantConfig, split_trainable
 from qlora_jax.models import LlamaConfig, LoraConfig
 from qlora_jax.models.decoder import CausalLM
-from qlora_jax.train.preference import (make_dpo_step, make_orpo_step, make_reference_step, sequence_logps,
-                                        token_logps)
+from qlora_jax.train.preference import (dpo_objective, make_dpo_step, make_orpo_step, make_preference_eval_step,
+                                        make_reference_step, sequence_logps, token_logps)
 from qlora_jax.train.preference_data import PreferencePair, encode_preference_record, preference_batch
 from qlora_jax.train.preference_loss import dpo_loss, log1mexp, orpo_loss
 from qlora_jax.train.records import Example, RecordError
@@ -177,6 +177,11 @@ def test_precomputed_reference_is_the_reference_forward(rng, model_and_vars, ste
     own = jax.jit(make_reference_step(model))(frozen, batch, params)
     same, _ = _run(step, params, frozen, {**batch, "ref_logps": own})
     assert abs(same["loss"] - math.log(2)) < 1e-5 and abs(same["rewards/margins"]) < 1e-5
+    # the eval step: the step's loss and metrics, without a gradient (no dropout here, so the same values)
+    loss, metrics = jax.jit(make_preference_eval_step(dpo_objective(model, beta=0.1)))(params, frozen,
+                                                                                      {**batch, "ref_logps": ref})
+    assert abs(float(loss) - stored["loss"]) < 1e-6
+    assert all(abs(float(metrics[k]) - stored[k]) < 1e-6 for k in metrics)
 
 
 # ---- records and batches ---------------------------------------------------------------------------------------
@@ -213,7 +218,8 @@ def test_messages_record_trains_on_the_completion_only(tok):
     for ex, text in ((pair.chosen, "good"), (pair.rejected, "bad")):
         full = tok.apply_chat_template([*prompt, {"role": "assistant", "content": text}], add_generation_prompt=False)
         assert tok.decode(ex.tokens.tolist(), skip_special_tokens=False) == full
-        assert tok.decode(ex.tokens[ex.trainable].tolist(), skip_special_tokens=False) == text + "<|im_end|>"  # not the prompt's "yo"
+        trained = tok.decode(ex.tokens[ex.trainable].tolist(), skip_special_tokens=False)
+        assert trained == text + "<|im_end|>"  # not the prompt's assistant turn
 
 
 @pytest.mark.parametrize("record, field", [
