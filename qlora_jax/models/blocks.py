@@ -95,6 +95,16 @@ class LoraConfig:
             fail("use_dora", "needs lora.rank >= 1 (DoRA adapts through LoRA's A and B)")
 
 
+def without_adapters(lora: LoraConfig) -> LoraConfig:
+    """``lora`` at rank 0 (no DoRA): every ``QLoRADense`` built from it is its frozen base alone.
+
+    A rank-0 ``QLoRADense`` returns ``x W^T [+ bias]`` before it declares or reads any LoRA
+    leaf, so a model built with it runs on the variables of the adapted model, ignoring
+    ``params`` (``CausalLM(lora_enabled=False)``).
+    """
+    return dataclasses.replace(lora, rank=0, use_dora=False)
+
+
 class RMSNorm(nn.Module):
     """``x / sqrt(mean(x^2) + eps) * (offset + weight)`` in float32, returned in ``x.dtype``."""
 

@@ -23,6 +23,13 @@ leaves are ``(L, ...)``; ``params/layers/.../lora_a`` is ``(L, in, r)``). Below
 ``layers`` the names mirror Hugging Face's, so loaders map
 ``model.layers.3.self_attn.q_proj.weight`` to index 3 of ``layers/self_attn/q_proj``.
 Each layer's kind (full or sliding-window attention) is scanned with the weights.
+
+``lora_enabled=False`` runs the same variables with every adapter off: each projection is its
+frozen base alone (LoRA's ``s B(A(x))`` and DoRA's rescaling both gone), as peft's
+``disable_adapter()`` does. ``model.clone(lora_enabled=False).apply(variables, ...)`` is the
+base model's output, the ``params`` collection is not read, and its gradient through that
+call is exactly zero: the reference policy of preference tuning (``qlora_jax.train.preference``)
+at no extra memory.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import numpy as np
 from qlora_jax.kernels import check_backend
 from qlora_jax.layers import FROZEN, QuantConfig
 from qlora_jax.models.attention import IMPLEMENTATIONS, soft_cap
-from qlora_jax.models.blocks import FULL, LAYER_INPUT, SLIDING, LoraConfig, norm
+from qlora_jax.models.blocks import FULL, LAYER_INPUT, SLIDING, LoraConfig, norm, without_adapters
 from qlora_jax.models.config import ModelConfig
 
 REMAT_POLICIES = ("none", "full", "offload", "dots_saveable", "nothing_saveable")
@@ -92,6 +99,7 @@ class CausalLM(nn.Module):
     attention: str = "auto"  # the attention implementation (qlora_jax.models.attention.IMPLEMENTATIONS)
     mlp_tile: int = 0  # tokens per MLP sequence tile (blocks.tiled_mlp: long sequences); 0: untiled
     residual_dtype: Any = None  # the residual stream's dtype (the hidden state between sublayers); None: dtype
+    lora_enabled: bool = True  # False: every projection is its frozen base alone (module docstring)
 
     def __post_init__(self):
         from qlora_jax.models.blocks import lora_targets
@@ -107,6 +115,8 @@ class CausalLM(nn.Module):
         if not isinstance(self.mlp_tile, int) or isinstance(self.mlp_tile, bool) or self.mlp_tile < 0:
             raise ValueError(f"mlp_tile={self.mlp_tile!r} must be an int >= 0 (tokens per MLP tile; 0: untiled)")
         lora_targets(self.config, self.lora)  # a target the family does not have fails here, by name
+        if not isinstance(self.lora_enabled, bool):
+            raise ValueError(f"lora_enabled={self.lora_enabled!r} must be a bool")
         super().__post_init__()
 
     @nn.compact
@@ -129,8 +139,9 @@ class CausalLM(nn.Module):
         h = jnp.take(embedding, tokens, axis=0).astype(self.residual_dtype or self.dtype)
         if c.embed_multiplier != 1.0:
             h = h * jnp.asarray(c.embed_multiplier, h.dtype)
+        lora = self.lora if self.lora_enabled else without_adapters(self.lora)
         layers = scanned_layers(family_of(c).layer, self.remat if cache is None else "none", c.num_hidden_layers)(
-            c, self.lora, self.quant, self.dtype, self.backend, self.attention, deterministic=deterministic,
+            c, lora, self.quant, self.dtype, self.backend, self.attention, deterministic=deterministic,
             mlp_tile=self.mlp_tile, name="layers")
         kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
         h, new_kv = layers(h, positions, segment_ids, kv, None if cache is None else (cache["index"], cache["start"]),

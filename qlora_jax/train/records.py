@@ -97,21 +97,29 @@ def record_shape(record: Any) -> str:
         string_field(record, "prompt", False)
         string_field(record, "completion", True)
     else:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise RecordError(f"field 'messages' must be a non-empty list, got {_type(messages)} {messages!r:.40}")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict):
-                raise RecordError(f"field 'messages'[{i}] must be an object, got {_type(m)}")
-            for field in ("role", "content"):
-                if field not in m:
-                    raise RecordError(f"field 'messages'[{i}][{field!r}] is missing")
-            if m["role"] not in ROLES:
-                raise RecordError(f"field 'messages'[{i}]['role'] is {m['role']!r}, not one of {', '.join(ROLES)}")
-            string_field(m, "content", True, f"'messages'[{i}]['content']")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise RecordError("field 'messages' has no assistant message (nothing to train on)")
+        check_messages(record["messages"], "messages")
     return shape
+
+
+def check_messages(messages: Any, field: str, *, need_assistant: bool = True, allow_empty: bool = False) -> None:
+    """Validates ``messages``, the list of ``{"role", "content"}`` in ``record[field]``; errors name ``field``.
+
+    ``need_assistant``: at least one assistant message (something to train on); ``allow_empty``:
+    ``[]`` is valid (an empty prompt).
+    """
+    if not isinstance(messages, list) or not (messages or allow_empty):
+        raise RecordError(f"field {field!r} must be a non-empty list, got {_type(messages)} {messages!r:.40}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise RecordError(f"field {field!r}[{i}] must be an object, got {_type(m)}")
+        for key in ("role", "content"):
+            if key not in m:
+                raise RecordError(f"field {field!r}[{i}][{key!r}] is missing")
+        if m["role"] not in ROLES:
+            raise RecordError(f"field {field!r}[{i}]['role'] is {m['role']!r}, not one of {', '.join(ROLES)}")
+        string_field(m, "content", True, f"{field!r}[{i}]['content']")
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise RecordError(f"field {field!r} has no assistant message (nothing to train on)")
 
 
 def render_chat(tokenizer, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> str:
@@ -124,7 +132,13 @@ def render_chat(tokenizer, messages: Sequence[Mapping[str, str]], add_generation
         raise RecordError(f"field 'messages': {err}") from None
 
 
-def _encode_messages(tokenizer, messages: list, max_len: int | None) -> Example:
+def encode_messages(tokenizer, messages: list, max_len: int | None = None, train_from: int = 0) -> Example:
+    """The ``Example`` of a validated conversation (module docstring's masking rule), trained only on the
+    assistant messages at index ``train_from`` or later (preference pairs: the completion after the prompt)."""
+    return _encode_messages(tokenizer, messages, max_len, train_from)
+
+
+def _encode_messages(tokenizer, messages: list, max_len: int | None, train_from: int = 0) -> Example:
     full = render_chat(tokenizer, messages, False)
     enc = tokenizer.tokenizer.encode(full, add_special_tokens=False)
     tokens = np.asarray(enc.ids, np.int32)
@@ -134,7 +148,7 @@ def _encode_messages(tokenizer, messages: list, max_len: int | None) -> Example:
         cut, tokens, starts = int(starts[max_len]), tokens[:max_len], starts[:max_len]
     trainable = np.zeros(len(tokens), bool)
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < train_from:
             continue
         head = render_chat(tokenizer, messages[:i], True)  # ... + this turn's role header
         if len(head) >= cut:  # this turn (and every later one) starts past the cut: not rendered again
