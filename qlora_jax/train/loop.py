@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -55,7 +56,7 @@ from qlora_jax.train.report import MetricsLog, read_metrics
 from qlora_jax.train.sinks import Fanout, make_sinks
 from qlora_jax.train.step import make_eval_step, make_train_step
 from qlora_jax.train.streams import StreamedBatches, StreamLayout, eval_batches, global_state
-from qlora_jax.train.trainer import Trainer, TrainState
+from qlora_jax.train.trainer import Hook, Trainer, TrainState
 
 log = logging.getLogger("qlora_jax.train")
 # What a resumed run may change: where it runs (a run folder may be moved), how it reports and
@@ -127,8 +128,11 @@ def sample(model, variables, tokenizer, prompt: str, max_tokens: int) -> str:
     return tokenizer.decode(ids).strip()
 
 
-def run(config: TrainConfig) -> dict[str, Any]:
-    """Trains per ``config``; returns the summary also written to ``<output.dir>/summary.json``."""
+def run(config: TrainConfig, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
+    """Trains per ``config``; returns the summary also written to ``<output.dir>/summary.json``.
+
+    ``hooks`` (``trainer.Hook``) run after the built-in ones (evaluation, checkpoints, samples, exports).
+    """
     t_start = time.perf_counter()
     initialize_distributed(config.mesh.coordinator, config.mesh.num_processes, config.mesh.process_id,
                            config.mesh.timeout_s)
@@ -221,7 +225,9 @@ def run(config: TrainConfig) -> dict[str, Any]:
     progress = Progress.for_run(total, start, config.output.progress, config.output.progress_bar)
     trainer = Trainer(lambda p, s, b, r: train_step(p, s, frozen, b, r), batches(), total, metrics=metrics,
                       progress=progress, lr_at=lambda step: float(schedule(step)), log_every=config.output.log_every,
-                      max_bad_steps=loop.max_bad_steps, checkpoint_dir=ckpt.directory)
+                      max_bad_steps=loop.max_bad_steps, checkpoint_dir=ckpt.directory,
+                      context={"model": model, "frozen": frozen, "tokenizer": tokenizer, "config": config,
+                               "output_dir": out, "mesh": mesh, "summary": summary})
     if evaluating:
         def eval_hook(trainer: Trainer, state: TrainState) -> None:
             total_nll, count = eval_step(state.params, frozen, eval_batch)
@@ -246,6 +252,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         trainer.add_hook("sample", sample_hook, at_start=True, at_end=True)
     trainer.add_hook("export", lambda trainer, state: _export(config, out, model, state.params, frozen, tokenizer,
                                                                model_path, main), at_end=True)
+    trainer.hooks.extend(hooks)
     try:
         state = trainer.train(state)
     finally:

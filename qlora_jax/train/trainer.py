@@ -15,7 +15,9 @@ A ``Hook`` runs ``fn(trainer, state)`` after every ``every`` steps (``every = 0`
 count), after the last step when ``at_end``, and before the first step of a fresh run (step 0)
 when ``at_start``. A run resumed at its last step runs no step: its ``at_end`` hooks run once at
 once. Evaluation, samples, checkpoints and exports are hooks (``loop.py`` registers them); a user
-adds one with ``trainer.add_hook("name", fn, every=100)``, without editing the loop.
+adds one without editing the loop: ``run(config, hooks=[Hook("name", fn, every=100)])``, where
+``fn(trainer, state)`` finds the model, the frozen base, the tokenizer, the config and the output
+folder in ``trainer.context``.
 """
 
 from __future__ import annotations
@@ -68,8 +70,10 @@ class Trainer:
     """Runs ``step_fn`` over ``batches`` to ``total`` steps, reporting to ``metrics`` and ``progress``, with hooks."""
 
     def __init__(self, step_fn: Callable, batches: Iterator[dict], total: int, *, metrics, progress,
-                 lr_at: Callable[[int], float], log_every: int = 1, max_bad_steps: int = 5, checkpoint_dir: str = ""):
+                 lr_at: Callable[[int], float], log_every: int = 1, max_bad_steps: int = 5, checkpoint_dir: str = "",
+                 context: dict[str, Any] | None = None):
         self.step_fn, self.batches, self.total = step_fn, batches, total
+        self.context = dict(context or {})  # what hooks may need: loop.py puts model, frozen, tokenizer, config, out
         self.metrics, self.progress, self.lr_at = metrics, progress, lr_at
         self.log_every, self.max_bad_steps, self.checkpoint_dir = log_every, max_bad_steps, checkpoint_dir
         self.hooks: list[Hook] = []

@@ -86,3 +86,31 @@ def test_non_finite_steps_are_logged_and_too_many_stop_the_run():
     with pytest.raises(RuntimeError, match=r"stopped at step 6: 3 consecutive .* in /ckpt"):
         trainer.train(_state())
     assert [r["step"] for r in metrics.rows] == [2, 4, 5, 6] and not metrics.rows[0]["finite"]
+
+
+@pytest.mark.slow
+def test_run_takes_a_users_hook(tmp_path):
+    """``run(config, hooks=[...])``: a user's hook runs on the real loop with the model and base at hand."""
+    from tinymodel import write_chats, write_tiny_model
+
+    from qlora_jax.layers import merge
+    from qlora_jax.train.config import parse_config
+    from qlora_jax.train.loop import run
+    from qlora_jax.train.trainer import Hook
+
+    model_dir, chats = write_tiny_model(str(tmp_path / "model")), write_chats(str(tmp_path / "c.jsonl"), 60)
+    config = parse_config(["--model.path", model_dir, "--data.train_path", chats, "--data.seq_len", "32",
+                           "--loop.steps", "4", "--loop.batch_size", "2", "--loop.eval_every", "0",
+                           "--loop.sample_tokens", "0", "--output.export_peft", "false", "--output.plot", "false",
+                           "--output.progress", "false", "--output.dir", str(tmp_path / "out")])
+    seen = []
+
+    def norm_of_b(trainer, state):  # a user's own evaluation: here, how far LoRA's B moved from zero
+        ctx = trainer.context
+        variables = merge(state.params, ctx["frozen"])
+        b = variables["params"]["layers"]["self_attn"]["q_proj"]["lora_b"]
+        seen.append((state.step, float(np.abs(np.asarray(b)).max()), type(ctx["model"]).__name__))
+
+    summary = run(config, hooks=[Hook("b_norm", norm_of_b, every=2, at_start=True)])
+    assert [s for s, _, _ in seen] == [0, 2, 4] and seen[0][1] == 0.0 and seen[-1][1] > 0
+    assert seen[0][2] == "CausalLM" and summary["steps"] == 4
