@@ -41,13 +41,14 @@ def test_scanned_model_equals_the_layers_one_by_one(rng):
     tokens = jnp.asarray(rng.integers(0, 128, (2, 12)))
     model = LlamaForCausalLM(CFG, LORA, dtype=jnp.float32)
     params, rest = split_trainable(v)
-    scanned = jax.value_and_grad(lambda p: jnp.mean(model.apply({"params": p, **rest}, tokens) ** 2))
-    unrolled = jax.value_and_grad(lambda p: jnp.mean(_unrolled_logits({"params": p, **rest}, tokens) ** 2))
+    scanned = jax.jit(jax.value_and_grad(lambda p: jnp.mean(model.apply({"params": p, **rest}, tokens) ** 2)))
+    unrolled = jax.jit(jax.value_and_grad(lambda p: jnp.mean(_unrolled_logits({"params": p, **rest}, tokens) ** 2)))
     (ls, gs), (lu, gu) = scanned(params), unrolled(params)
     # one program against the other: the same sums, perhaps fused in another order
     rtol = reorder_rtol(2 * CFG.num_hidden_layers * (CFG.hidden_size + CFG.intermediate_size + 12))
-    np.testing.assert_allclose(np.asarray(model.apply(v, tokens)), np.asarray(_unrolled_logits(v, tokens)),
-                               rtol=rtol, atol=rtol * 10)
+    # jitted: one compile each instead of the op-by-op dispatch of every layer's forward and backward
+    logits, unrolled_logits = jax.jit(model.apply)(v, tokens), jax.jit(_unrolled_logits)(v, tokens)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(unrolled_logits), rtol=rtol, atol=rtol * 10)
     np.testing.assert_allclose(float(ls), float(lu), rtol=rtol)
     assert_trees_close(gs, gu, rtol)
 

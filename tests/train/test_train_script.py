@@ -196,26 +196,55 @@ def test_activation_offload_and_mlp_tiles_train_as_remat_full(tiny, tmp_path):
     without dropout (each MLP tile draws its own masks): on the CPU offload is remat full's program and the
     tiles the same sums per row, so the losses agree within float32 reduction-order noise."""
     runs = {}
+    steps = 6  # the losses are what is compared: no samples, checkpoints or plot (the full run checks those)
     for name, extra in (("full", ("--model.remat", "full")),
                         ("offload", ("--model.remat", "offload", "--model.mlp_tile", "16"))):
         out = tmp_path / name
-        _train(tiny, out, "--lora.dropout", "0", *extra)
+        _train(tiny, out, "--lora.dropout", "0", "--loop.steps", str(steps), "--loop.sample_tokens", "0",
+               "--checkpoint.every", "0", "--output.plot", "false", *extra)
         runs[name] = _losses(out)
     ours, ref = runs["offload"], runs["full"]
-    assert sorted(ours) == sorted(ref) and len(ref) == STEPS
+    assert sorted(ours) == sorted(ref) and len(ref) == steps
     np.testing.assert_allclose([ours[s] for s in sorted(ours)], [ref[s] for s in sorted(ref)], rtol=2e-4)
 
 
+def _parquet_of_three_formats(chats, path):
+    """The tiny chats as one Parquet table of three formats (ShareGPT conversations, Alpaca, text; nulls where a
+    row lacks a column)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for rec in map(json.loads, open(chats)):
+        if "messages" in rec:
+            rec = {"conversations": [{"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
+                                     for m in rec["messages"]]}
+        elif "prompt" in rec:
+            rec = {"instruction": rec["prompt"], "input": "", "output": rec["completion"]}
+        rows.append(rec)
+    pq.write_table(pa.Table.from_struct_array(pa.array(rows)), path, row_group_size=64)
+    return str(path)
+
+
 @pytest.mark.e2e
-def test_dora_trains_and_exports_its_magnitudes(tiny, tmp_path):
-    """``--lora.use_dora true``: the magnitudes train with A and B, checkpoint, and export under peft's key."""
+def test_dora_trains_on_parquet_and_exports_its_magnitudes(tiny, tmp_path):
+    """One run checked for two things (each was a run of its own):
+
+    * ``--lora.use_dora true``: the magnitudes train with A and B, checkpoint, and export under peft's key.
+    * The data are the tiny chats as one Parquet table of ShareGPT, Alpaca and text records: every record is
+      usable (400 read, no bad record) and the model learns from them (the held-out loss falls)."""
     from safetensors.numpy import load_file
 
+    path = _parquet_of_three_formats(tiny[1], tmp_path / "chats.parquet")
     out = tmp_path / "dora"
-    _train(tiny, out, "--lora.use_dora", "true", "--loop.steps", "6", "--loop.eval_every", "3",
+    _train((tiny[0], path), out, "--lora.use_dora", "true", "--loop.steps", "6", "--loop.eval_every", "3",
            "--checkpoint.every", "3", "--loop.sample_tokens", "0", "--output.plot", "false")
+    log = (out / "train.log").read_text()
+    assert "chats.parquet (Parquet): 400 records" in log and "bad record" not in log
+    assert sorted(_losses(out)) == list(range(1, 7)) and all(np.isfinite(list(_losses(out).values())))
     evals = [r["eval_loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "eval_loss" in r]
     assert len(evals) == 3 and evals[-1] < evals[0]
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
     tensors = load_file(out / "adapter" / "adapter_model.safetensors")
     magnitudes = [k for k in tensors if k.endswith(".lora_magnitude_vector")]
@@ -231,28 +260,3 @@ def test_dora_trains_and_exports_its_magnitudes(tiny, tmp_path):
         start = np.asarray(init["params"]["layers"]["self_attn"]["q_proj"]["lora_magnitude"][i])
         trained = tensors[f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_magnitude_vector"]
         assert 1e-4 < np.abs(trained - start).max() < 0.1 * np.abs(start).max()
-
-
-@pytest.mark.e2e
-def test_trains_on_parquet_of_sharegpt_and_alpaca(tiny, tmp_path):
-    """The tiny chats as one Parquet table of three formats (ShareGPT conversations, Alpaca, text; nulls where a
-    row lacks a column), two steps: every record is usable and the loss is finite."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rows = []
-    for rec in map(json.loads, open(tiny[1])):
-        if "messages" in rec:
-            rec = {"conversations": [{"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
-                                     for m in rec["messages"]]}
-        elif "prompt" in rec:
-            rec = {"instruction": rec["prompt"], "input": "", "output": rec["completion"]}
-        rows.append(rec)
-    path = tmp_path / "chats.parquet"
-    pq.write_table(pa.Table.from_struct_array(pa.array(rows)), path, row_group_size=64)
-    out = tmp_path / "parquet"
-    _train((tiny[0], str(path)), out, "--loop.steps", "2", "--loop.eval_every", "2", "--checkpoint.every", "0",
-           "--loop.sample_tokens", "0", "--output.plot", "false")
-    assert sorted(_losses(out)) == [1, 2] and all(np.isfinite(list(_losses(out).values())))
-    log = (out / "train.log").read_text()
-    assert "chats.parquet (Parquet): 400 records" in log and "bad record" not in log
