@@ -79,6 +79,7 @@ STEP_COUNTER_BYTES = 17
 BATCH_BYTES_PER_TOKEN = 20
 EXTRAPOLATION_DEPTHS = (2, 3)
 PLATFORMS = ("gpu", "cpu")
+OBJECTIVES = ("sft", "dpo", "orpo")  # the trainer's loop.objective (qlora_jax.train.config imports it)
 GIB, MIB = 2**30, 2**20
 
 PRESETS = {
@@ -150,6 +151,12 @@ class StepShape:
     loss_chunk: int
     mlp_tile: int = 0  # tokens per MLP sequence tile (LlamaForCausalLM.mlp_tile)
     residual_dtype: str = ""  # the residual stream's dtype (CausalLM.residual_dtype); "": compute_dtype
+    objective: str = "sft"  # dpo / orpo: batch counts pairs, two rows each, and DPO adds a reference forward
+
+    @property
+    def rows(self) -> int:
+        """Sequences per micro-batch: ``batch``, or two per pair for a preference objective."""
+        return self.batch if self.objective == "sft" else 2 * self.batch
 
     @property
     def residual(self) -> str:
@@ -203,6 +210,7 @@ class StepMemory:
 def compiled_step_memory(config: LlamaConfig, shape: StepShape) -> StepMemory:
     """The trainer's train step for ``config``, compiled on abstract shapes: its temporaries by memory space."""
     from qlora_jax.optim import OptimizerConfig, make_optimizer
+    from qlora_jax.train.preference import make_dpo_step, make_orpo_step
     from qlora_jax.train.step import make_train_step
 
     model = CausalLM(config, shape.lora, shape.quant, dtype=jnp.dtype(shape.compute_dtype), remat=shape.remat,
@@ -210,10 +218,13 @@ def compiled_step_memory(config: LlamaConfig, shape: StepShape) -> StepMemory:
                              residual_dtype=jnp.dtype(shape.residual))
     params, frozen = split_trainable(abstract_variables(config, shape.lora, shape.quant, shape.base_dtype))
     tx = make_optimizer(OptimizerConfig(state_bits=8 if shape.optimizer == "8bit" else 32), 10, skip_nonfinite=True)
-    ints = jax.ShapeDtypeStruct((1, shape.batch, shape.seq_len), jnp.int32)
+    ints = jax.ShapeDtypeStruct((1, shape.rows, shape.seq_len), jnp.int32)
     batch = {"tokens": ints, "positions": ints, "segment_ids": ints, "targets": ints,
              "loss_mask": jax.ShapeDtypeStruct(ints.shape, jnp.float32)}
-    step = jax.jit(make_train_step(model, tx, shape.loss_chunk), donate_argnums=(0, 1))
+    make = {"sft": make_train_step, "dpo": make_dpo_step, "orpo": make_orpo_step}[shape.objective]
+    if shape.objective != "sft":
+        batch["target_mask"] = batch["loss_mask"]
+    step = jax.jit(make(model, tx, loss_chunk=shape.loss_chunk), donate_argnums=(0, 1))
     lowered = step.lower(params, jax.eval_shape(tx.init, params), frozen, batch, jax.random.key(0))
     compiled = lowered.compile()
     stats = compiled.memory_analysis()
@@ -325,8 +336,15 @@ def planned_attention(attention: str, seq_len: int, head_dim: int, platform: str
 def plan(config: LlamaConfig, *, batch: int, seq_len: int, lora: LoraConfig = LoraConfig(),
          quant: QuantConfig | None = QuantConfig(), optimizer: str = "fp32", offload: bool = False,
          remat: str = "full", compute_dtype="bfloat16", base_dtype="bfloat16", attention: str = "auto",
-         loss_chunk: int = 0, platform: str = "gpu", mlp_tile: int = 0, residual_dtype=None) -> MemoryPlan:
-    """The ``MemoryPlan`` of one training step on ``batch`` x ``seq_len`` tokens (module docstring)."""
+         loss_chunk: int = 0, platform: str = "gpu", mlp_tile: int = 0, residual_dtype=None,
+         objective: str = "sft") -> MemoryPlan:
+    """The ``MemoryPlan`` of one training step on ``batch`` x ``seq_len`` tokens (module docstring).
+
+    ``objective`` ``dpo`` / ``orpo`` (the trainer's ``loop.objective``): ``batch`` counts preference
+    pairs, each two sequences (chosen, rejected), and the compiled step is the preference step.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r} is not one of {OBJECTIVES}")
     if not isinstance(config, LlamaConfig):
         raise ValueError(f"config must be a LlamaConfig, got {type(config).__name__}")
     _check_int("batch", batch)
@@ -341,16 +359,16 @@ def plan(config: LlamaConfig, *, batch: int, seq_len: int, lora: LoraConfig = Lo
     s = state_bytes(config, lora=lora, quant=quant, optimizer=optimizer, base_dtype=base_dtype)
     impl = planned_attention(attention, seq_len, config.head_dim, platform)
     shape = StepShape(batch, seq_len, lora, quant, optimizer, remat, jnp.dtype(compute_dtype).name,
-                      jnp.dtype(base_dtype).name, impl, loss_chunk, mlp_tile, jnp.dtype(residual_dtype).name)
+                      jnp.dtype(base_dtype).name, impl, loss_chunk, mlp_tile, jnp.dtype(residual_dtype).name, objective)
     m, extrapolated = step_memory(config, shape)
     temp, on_host = m.temp, m.host_temp
     if remat == "offload" and jax.default_backend() == "cpu":  # XLA's CPU drops the offload (module docstring)
-        on_host = config.num_hidden_layers * batch * seq_len * config.hidden_size * _bytes("residual_dtype",
+        on_host = config.num_hidden_layers * shape.rows * seq_len * config.hidden_size * _bytes("residual_dtype",
                                                                                            residual_dtype)
         temp -= on_host
     update = 8 * s.lora_count + 2 * s.optimizer_state if offload else 0
     return MemoryPlan(s.quant_codes, s.quant_scales, s.quant_nested, s.unquantized, s.lora_params, s.optimizer_state,
-                      bool(offload), BATCH_BYTES_PER_TOKEN * batch * seq_len, temp, update, s.lora_count,
+                      bool(offload), BATCH_BYTES_PER_TOKEN * shape.rows * seq_len, temp, update, s.lora_count,
                       s.base_count, impl, extrapolated, on_host)
 
 
@@ -481,7 +499,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qlora_jax.memory", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default="llama-3-8b", help=f"a preset {tuple(PRESETS)}, a Hugging Face folder or a .gguf file")
-    ap.add_argument("--batch", type=int, default=1, help="sequences per micro-batch")
+    ap.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (pairs with --objective dpo/orpo)")
+    ap.add_argument("--objective", default="sft", help=f"the training objective, one of {OBJECTIVES}")
     ap.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
     ap.add_argument("--rank", type=int, default=64, help="LoRA rank (0: no LoRA)")
     ap.add_argument("--targets", default="all", help="'all' or comma-separated projections, e.g. q_proj,v_proj")
@@ -515,7 +534,7 @@ def main(argv=None) -> int:
         kw = dict(batch=args.batch, lora=lora, quant=quant, optimizer=args.optimizer, offload=args.offload,
                   remat=args.remat, compute_dtype=args.compute_dtype, base_dtype=args.base_dtype,
                   attention=args.attention, loss_chunk=args.loss_chunk, platform=args.platform,
-                  mlp_tile=args.mlp_tile, residual_dtype=args.residual_dtype)
+                  mlp_tile=args.mlp_tile, residual_dtype=args.residual_dtype, objective=args.objective)
         budgets = _gib_list(args.max_context) if args.max_context else None
         if budgets is None:
             p = plan(config, seq_len=args.seq_len, **kw)
@@ -527,7 +546,8 @@ def main(argv=None) -> int:
         ap.error(str(err))
     c = config
     fmt = "float base" if quant is None else quant.quant_type + (" + double quant" if quant.double_quant else "")
-    shape = f"batch {args.batch}" if budgets else f"batch {args.batch} x {args.seq_len} tokens"
+    shape = f"batch {args.batch}" + (f" {args.objective} pairs" if args.objective != "sft" else "")
+    shape += "" if budgets else f" x {args.seq_len} tokens"
     title = (f"{args.model}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}; "
              f"{shape}; {'DoRA' if args.dora else 'LoRA'} r={args.rank} on {len(lora_targets(c, lora))} projections; "
              f"{fmt}; {args.optimizer} AdamW{' (offloaded)' if args.offload else ''}; remat {args.remat}; "

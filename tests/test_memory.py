@@ -296,3 +296,16 @@ def test_cli(capsys, tmp_path):
     for flag in ("--model", "--batch", "--seq-len", "--rank", "--targets", "--optimizer", "--offload", "--remat",
                  "--attention", "--loss-chunk", "--max-context", "--probe-lengths", "--device-gib"):
         assert flag in run.stdout
+
+
+def test_preference_steps_plan_two_rows_per_pair():
+    """``objective="dpo"`` / ``"orpo"``: ``batch`` pairs are ``2 batch`` sequences of input, and the compiled
+    step is the preference step (DPO's adds the reference forward): more temporaries than one row's step."""
+    kw = {**PLAN_KW, "seq_len": 256, "platform": "cpu", "batch": 1}
+    sft, sft2 = memory.plan(TINY, **kw), memory.plan(TINY, **{**kw, "batch": 2})
+    dpo, orpo = (memory.plan(TINY, **kw, objective=o) for o in ("dpo", "orpo"))
+    assert dpo.batch_bytes == orpo.batch_bytes == sft2.batch_bytes == 2 * sft.batch_bytes
+    assert dpo.step_temp > sft.step_temp and orpo.step_temp > sft.step_temp
+    assert memory.StepShape(**{**_shape().__dict__, "objective": "dpo"}).rows == 2
+    with pytest.raises(ValueError, match="objective='kto' is not one of"):
+        memory.plan(TINY, **kw, objective="kto")

@@ -81,3 +81,39 @@ def write_chitchat_jsonl(path: str | os.PathLike, limit: int | None = None,
                     f.write(json.dumps({"messages": run}, ensure_ascii=False) + "\n")
                     count += 1
     return count
+
+
+def write_chitchat_preferences(path: str | os.PathLike, limit: int | None = None, context_turns: int = 3,
+                               seed: int = 0) -> int:
+    """Writes up to ``limit`` preference records to ``path`` as JSONL; returns how many.
+
+    One record per assistant turn that follows a user turn: ``prompt`` is up to ``context_turns``
+    turns before it, ending at that user turn; ``chosen`` is the real reply, ``rejected`` an
+    assistant reply drawn at random (``seed``) from another conversation, all as messages. A model
+    that learns the preference prefers replies that answer what was said.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"{limit=} must be >= 1 or None")
+    import numpy as np
+
+    convs = list(conversations())
+    replies = [(c, m["content"]) for c, msgs in enumerate(convs) for m in msgs if m["role"] == "assistant"]
+    rng = np.random.default_rng(seed)
+    count = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for c, msgs in enumerate(convs):
+            for i, m in enumerate(msgs):
+                if m["role"] != "assistant" or i == 0 or msgs[i - 1]["role"] != "user":
+                    continue
+                if limit is not None and count >= limit:
+                    return count
+                other, text = replies[int(rng.integers(len(replies)))]
+                while other == c or text == m["content"]:
+                    other, text = replies[int(rng.integers(len(replies)))]
+                prompt = msgs[max(0, i - context_turns):i]
+                while prompt[0]["role"] != "user":
+                    prompt = prompt[1:]
+                record = {"prompt": prompt, "chosen": [m], "rejected": [{"role": "assistant", "content": text}]}
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                count += 1
+    return count

@@ -32,10 +32,12 @@ from qlora_jax.kernels import BACKENDS
 from qlora_jax.layers.qlora_dense import QuantConfig
 from qlora_jax.models.attention import IMPLEMENTATIONS
 from qlora_jax.models.blocks import LoraConfig
+from qlora_jax.memory import OBJECTIVES
 from qlora_jax.models.decoder import REMAT_POLICIES
 from qlora_jax.optim.chain import SCHEDULES, STATE_BITS, OptimizerConfig
 from qlora_jax.train.cli import FieldDoc, coerce, field_docs, from_tree, hints, parse, section_classes, to_tree
 from qlora_jax.train.formats import INSTRUCTION_FORMATS, parse_columns
+from qlora_jax.train.preference_loss import DPO_LOSS_TYPES
 from qlora_jax.train.progress import PROGRESS_BARS
 
 DTYPES = ("auto", "float32", "bfloat16")
@@ -103,6 +105,8 @@ class ModelSection(_Section):
                         "backend), pallas (fused GPU kernel); auto picks by backend and length", IMPLEMENTATIONS)
     loss_chunk: int = _f(0, "tokens per chunk of the output head + cross-entropy (no full logits array); "
                          "0: auto, about 256 MiB of float32 logits per chunk")
+    adapter: str = _f("", "start from this PEFT adapter folder (e.g. an SFT run's adapter/); its rank, alpha and "
+                      "targets replace lora.*")
     mlp_tile: int = _f(0, "tokens per sequence tile of the MLP (its (T, intermediate) arrays one tile at a "
                        "time, for very long sequences; one more MLP forward per step); 0: untiled")
     residual_dtype: str = _f("compute", "dtype of the residual stream between sublayers: compute (the compute "
@@ -195,8 +199,17 @@ class LoopSection(_Section):
     max_bad_steps: int = _f(5, "stop after this many consecutive steps with a non-finite loss or gradient")
     sample_prompt: str = _f("What is the capital of France?", "prompt answered at each evaluation; empty: no samples")
     sample_tokens: int = _f(40, "tokens generated for the sample; 0: no samples")
+    objective: str = _f("sft", "sft: next-token loss; dpo, orpo: preference tuning on {prompt, chosen, rejected} "
+                        "records (batch_size then counts pairs: two sequences each)", OBJECTIVES)
+    beta: float = _f(0.1, "dpo/orpo: DPO's beta (the reward scale) or ORPO's lambda (the odds-ratio weight)")
+    dpo_loss: str = _f("sigmoid", "dpo: sigmoid (DPO), robust, or ipo", DPO_LOSS_TYPES)
+    label_smoothing: float = _f(0.0, "dpo: assumed fraction of flipped labels (cDPO with sigmoid, robust DPO)")
 
     def _check(self):
+        if self.beta <= 0:
+            self._fail("beta", "must be > 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            self._fail("label_smoothing", "must be in [0, 0.5)")
         if self.steps < 0:
             self._fail("steps", "must be >= 0")
         if not 0.0 <= self.epochs < math.inf:

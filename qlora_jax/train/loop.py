@@ -50,10 +50,13 @@ from qlora_jax.train.distributed import (allgather_ints, gather_to_host, initial
                                          process_tag)
 from qlora_jax.train.formats import parse_columns
 from qlora_jax.train.mesh import batch_sharding, global_batch, make_mesh, process_rows, shard_tree
-from qlora_jax.train.plot import plot_losses
+from qlora_jax.train.plot import plot_losses, plot_rewards
 from qlora_jax.train.progress import Progress
 from qlora_jax.train.report import MetricsLog, read_metrics
 from qlora_jax.train.sinks import Fanout, make_sinks
+from qlora_jax.train.preference import (dpo_objective, make_dpo_step, make_orpo_step, make_preference_eval_step,
+                                        orpo_objective)
+from qlora_jax.train.preference_pairs import PairBatches, eval_pair_batches, load_pairs, split_pairs
 from qlora_jax.train.step import make_eval_step, make_train_step
 from qlora_jax.train.streams import StreamedBatches, StreamLayout, eval_batches, global_state
 from qlora_jax.train.trainer import Hook, Trainer, TrainState
@@ -117,8 +120,72 @@ def _setup_output(config: TrainConfig) -> str:
 
 
 def _stack(batches) -> dict[str, np.ndarray]:
-    """``A`` batches of ``(B, T)`` arrays -> one dict of ``(A, B, T)`` arrays."""
-    return {k: np.stack([getattr(b, k) for b in batches]) for k in batches[0]._fields}
+    """``A`` batches (``Batch`` es or dicts) of ``(B, T)`` arrays -> one dict of ``(A, B, T)`` arrays."""
+    dicts = [b._asdict() if hasattr(b, "_asdict") else b for b in batches]
+    return {k: np.stack([d[k] for d in dicts]) for k in dicts[0]}
+
+
+def default_preference_path(out_dir: str, limit: int = 4000) -> str:
+    """``limit`` chitchat preference pairs (``chitchat.write_chitchat_preferences``) under ``<out>/data``, written once."""
+    path = os.path.join(out_dir, "data", "chitchat_preferences.jsonl")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        n = chitchat.write_chitchat_preferences(tmp, limit=limit)
+        os.replace(tmp, path)
+        log.info("wrote %d chitchat preference pairs to %s", n, path)
+    return path
+
+
+def _preference_data(config: TrainConfig, tokenizer, out: str, pad_id: int):
+    """``(PairBatches, eval batches or None, training pairs)`` of a dpo/orpo run, from ``data.*``."""
+    data, loop, seq = config.data, config.loop, config.data.seq_len
+    pairs = load_pairs(data.train_path or default_preference_path(out), tokenizer, max_len=seq)
+    if data.eval_path:
+        evals, train_ids = load_pairs(data.eval_path, tokenizer, max_len=seq), np.arange(len(pairs))
+        eval_ids = np.arange(len(evals))
+    else:
+        evals = pairs
+        train_ids, eval_ids = split_pairs(pairs, data.eval_fraction, loop.seed)
+    batches = PairBatches(pairs, train_ids, loop.batch_size, seq, seed=loop.seed, pad_id=pad_id)
+    evaluating = loop.eval_every > 0 and len(eval_ids) > 0
+    held = eval_pair_batches(evals, eval_ids, loop.eval_batches, loop.batch_size, seq, pad_id) if evaluating else None
+    return batches, held, len(train_ids)
+
+
+def _steps(config: TrainConfig, model, tx):
+    """``(train step, eval step)`` of ``loop.objective``, not jitted; the eval step returns a metrics row's fields."""
+    loop, chunk = config.loop, config.model.loss_chunk
+    if loop.objective == "sft":
+        sft_eval = make_eval_step(model, chunk)
+
+        def eval_step(params, frozen, batch):
+            total_nll, count = sft_eval(params, frozen, batch)
+            return {"total_nll": total_nll, "count": count}
+
+        return make_train_step(model, tx, chunk), eval_step
+    if loop.objective == "dpo":
+        objective = dpo_objective(model, beta=loop.beta, loss_type=loop.dpo_loss, label_smoothing=loop.label_smoothing,
+                                  loss_chunk=chunk)
+        step = make_dpo_step(model, tx, loop.beta, loop.dpo_loss, loop.label_smoothing, chunk)
+    else:
+        objective, step = orpo_objective(model, beta=loop.beta, loss_chunk=chunk), make_orpo_step(model, tx, loop.beta,
+                                                                                                 chunk)
+    pref_eval = make_preference_eval_step(objective)
+
+    def eval_step(params, frozen, batch):
+        loss, metrics = pref_eval(params, frozen, batch)
+        return {"loss": loss, **metrics}
+
+    return step, eval_step
+
+
+def _eval_row(out: dict) -> dict[str, float]:
+    """The metrics row of an eval step's output: held-out loss and perplexity, or the preference metrics."""
+    if "total_nll" in out:
+        loss = float(out["total_nll"]) / max(float(out["count"]), 1.0)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    return {f"eval_{'loss' if k == 'loss' else k}": float(v) for k, v in out.items() if k not in ("tokens", "finite")}
 
 
 def sample(model, variables, tokenizer, prompt: str, max_tokens: int) -> str:
@@ -143,11 +210,11 @@ def run(config: TrainConfig, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
     dtype = jnp.dtype(config.model.compute_dtype(platform))
     model_path = config.model.path or default_model_path()
     key = jax.random.key(loop.seed)
-    lora = config.lora
-    model, variables, tokenizer = from_pretrained(model_path, quantization=config.quant.to_quant_config(), lora=lora,
-                                                  dtype=dtype, key=key, remat=config.model.remat,
+    model, variables, tokenizer = from_pretrained(model_path, quantization=config.quant.to_quant_config(),
+                                                  lora=config.lora, dtype=dtype, key=key, remat=config.model.remat,
                                                   attention=config.model.attention, mlp_tile=config.model.mlp_tile,
-                                                  residual_dtype=jnp.dtype(config.model.residual(platform)))
+                                                  residual_dtype=jnp.dtype(config.model.residual(platform)),
+                                                  adapter=config.model.adapter or None)
     if tokenizer is None:
         raise ValueError(f"model.path={model_path} has no tokenizer (tokenizer.json or GGUF tokenizer fields)")
     if config.output.export_gguf:
@@ -163,26 +230,35 @@ def run(config: TrainConfig, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
         raise ValueError(f"mesh.data x mesh.fsdp = {n_dev} devices: with several processes the mesh must span all "
                          f"{jax.device_count()} devices")
     b_sh = batch_sharding(mesh)
-    layout = StreamLayout.for_rows(config.data.streams or jax.process_count(), loop.batch_size,
-                                   process_rows(b_sh, loop.batch_size))
-    if layout.num_streams > 1 and config.data.max_train_records:
-        raise ValueError(f"data.max_train_records={config.data.max_train_records} needs a single data stream "
-                         f"(data.streams is {layout.num_streams}): cut the file instead")
-
-    data = load_data(config.data.train_path or default_train_path(out), tokenizer,
-                     eval_path=config.data.eval_path or None,
-                     eval_fraction=0.0 if config.data.eval_path else config.data.eval_fraction,
-                     seed=loop.seed, max_len=config.data.seq_len,
-                     max_train_records=config.data.max_train_records or None,
-                     columns=parse_columns(config.data.columns), instruction_format=config.data.instruction_format,
-                     keep=layout.keeps if layout.num_streams > 1 else None)
     pad_id = tokenizer.eos_id or 0
     seq = config.data.seq_len
-    train_iter = StreamedBatches(data, layout, seq, pack=config.data.packing, pad_id=pad_id)
-    total = loop.num_steps(int(allgather_ints(train_iter.sequences_per_epoch()).sum())) if loop.epochs else loop.steps
-    evaluating = loop.eval_every > 0 and data.num_eval_records > 0
-    eval_batch = global_batch(b_sh, _stack(eval_batches(data, layout, loop.eval_batches, seq, pack=config.data.packing,
-                                                        pad_id=pad_id)), loop.batch_size) if evaluating else None
+    if loop.objective == "sft":
+        layout = StreamLayout.for_rows(config.data.streams or jax.process_count(), loop.batch_size,
+                                       process_rows(b_sh, loop.batch_size))
+        if layout.num_streams > 1 and config.data.max_train_records:
+            raise ValueError(f"data.max_train_records={config.data.max_train_records} needs a single data stream "
+                             f"(data.streams is {layout.num_streams}): cut the file instead")
+        data = load_data(config.data.train_path or default_train_path(out), tokenizer,
+                         eval_path=config.data.eval_path or None,
+                         eval_fraction=0.0 if config.data.eval_path else config.data.eval_fraction,
+                         seed=loop.seed, max_len=config.data.seq_len,
+                         max_train_records=config.data.max_train_records or None,
+                         columns=parse_columns(config.data.columns), instruction_format=config.data.instruction_format,
+                         keep=layout.keeps if layout.num_streams > 1 else None)
+        train_iter = StreamedBatches(data, layout, seq, pack=config.data.packing, pad_id=pad_id)
+        n_train = int(allgather_ints(train_iter.sequences_per_epoch()).sum())
+        evaluating = loop.eval_every > 0 and data.num_eval_records > 0
+        held = eval_batches(data, layout, loop.eval_batches, seq, pack=config.data.packing,
+                            pad_id=pad_id) if evaluating else None
+        rows = loop.batch_size
+    else:
+        if jax.process_count() > 1:
+            raise ValueError(f"loop.objective={loop.objective} runs on one process (with any number of devices) for "
+                             "now: its pairs are not yet split over processes")
+        train_iter, held, n_train = _preference_data(config, tokenizer, out, pad_id)
+        evaluating, rows = held is not None, 2 * loop.batch_size  # a pair is two rows: chosen, rejected
+    total = loop.num_steps(n_train) if loop.epochs else loop.steps
+    eval_batch = global_batch(b_sh, _stack(held), rows) if evaluating else None
     params, frozen = split_trainable(variables)
     params, frozen = shard_tree(mesh, params), shard_tree(mesh, frozen)
     tx = make_optimizer(config.optim, total, skip_nonfinite=True)
@@ -193,10 +269,10 @@ def run(config: TrainConfig, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
 
     rep = NamedSharding(mesh, P())
     p_sh, s_sh, f_sh = host_shardings(params), host_shardings(opt_state), host_shardings(frozen)
-    loss_chunk = config.model.loss_chunk
-    train_step = jax.jit(make_train_step(model, tx, loss_chunk), in_shardings=(p_sh, s_sh, f_sh, b_sh, rep),
-                         out_shardings=(p_sh, s_sh, rep), donate_argnums=(0, 1))
-    eval_step = jax.jit(make_eval_step(model, loss_chunk), in_shardings=(p_sh, f_sh, b_sh), out_shardings=(rep, rep))
+    step_fn, eval_fn = _steps(config, model, tx)
+    train_step = jax.jit(step_fn, in_shardings=(p_sh, s_sh, f_sh, b_sh, rep), out_shardings=(p_sh, s_sh, rep),
+                         donate_argnums=(0, 1))
+    eval_step = jax.jit(eval_fn, in_shardings=(p_sh, f_sh, b_sh), out_shardings=rep)
 
     ckpt = RunCheckpointer(os.path.join(out, "checkpoints"), config.checkpoint.every, config.checkpoint.keep)
     state = TrainState(0, params, opt_state, key)
@@ -220,7 +296,7 @@ def run(config: TrainConfig, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
 
     def batches():
         while True:
-            yield global_batch(b_sh, _stack([next(train_iter) for _ in range(loop.grad_accum)]), loop.batch_size)
+            yield global_batch(b_sh, _stack([next(train_iter) for _ in range(loop.grad_accum)]), rows)
 
     progress = Progress.for_run(total, start, config.output.progress, config.output.progress_bar)
     trainer = Trainer(lambda p, s, b, r: train_step(p, s, frozen, b, r), batches(), total, metrics=metrics,
@@ -230,10 +306,12 @@ def run(config: TrainConfig, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
                                "output_dir": out, "mesh": mesh, "summary": summary})
     if evaluating:
         def eval_hook(trainer: Trainer, state: TrainState) -> None:
-            total_nll, count = eval_step(state.params, frozen, eval_batch)
-            loss = float(total_nll) / max(float(count), 1.0)
-            trainer.metrics.write(step=state.step, eval_loss=loss, eval_ppl=math.exp(min(loss, 50.0)))
-            log.info("step %d: held-out loss %.4f (perplexity %.2f)", state.step, loss, math.exp(min(loss, 50.0)))
+            row = _eval_row(eval_step(state.params, frozen, eval_batch))
+            trainer.metrics.write(step=state.step, **row)
+            extra = (f"perplexity {row['eval_ppl']:.2f}" if "eval_ppl" in row else
+                     f"reward accuracy {row.get('eval_rewards/accuracies', float('nan')):.3f}, margin "
+                     f"{row.get('eval_rewards/margins', float('nan')):.4f}")
+            log.info("step %d: held-out loss %.4f (%s)", state.step, row["eval_loss"], extra)
 
         trainer.add_hook("eval", eval_hook, loop.eval_every, at_start=True, at_end=True)
     if config.checkpoint.every:
@@ -264,6 +342,7 @@ def run(config: TrainConfig, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
     if main:
         if config.output.plot:
             plot_losses(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
+            plot_rewards(os.path.join(out, "metrics.jsonl"), os.path.join(out, "rewards.png"))
         summary.update(_loss_summary(os.path.join(out, "metrics.jsonl")))
         with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
@@ -288,7 +367,7 @@ def _sample(model, params, frozen, tokenizer, loop, after: bool = False) -> str 
 
 def _export(config: TrainConfig, out: str, model, params, frozen, tokenizer, model_path: str, main: bool) -> None:
     """The PEFT adapter, merged model and GGUF file asked for, written by process 0 (all gather the weights)."""
-    output, lora = config.output, config.lora
+    output, lora = config.output, model.lora  # the adapter's own settings when the run started from one
     if not (output.export_peft or output.export_merged or output.export_gguf):
         return
     whole = output.export_merged or output.export_gguf

@@ -82,3 +82,38 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
     fig.tight_layout()
     fig.savefig(png_path)
     plt.close(fig)
+
+
+REWARD_PANELS = (("rewards/accuracies", "reward accuracy (chosen > rejected)"),
+                 ("rewards/margins", "reward margin (chosen - rejected)"))
+
+
+def plot_rewards(metrics_path: str, png_path: str) -> bool:
+    """A preference run's reward accuracy and margin per step (faint, EMA bold) and held out; False if none."""
+    rows = read_metrics(metrics_path)
+    if not any(name in r for r in rows for name, _ in REWARD_PANELS):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(REWARD_PANELS), figsize=(11, 4), dpi=110)
+    for ax, (name, label) in zip(axes, REWARD_PANELS):
+        train = [(r["step"], r[name]) for r in rows if name in r and math.isfinite(r[name])]
+        evals = [(r["step"], r[f"eval_{name}"]) for r in rows if f"eval_{name}" in r]
+        if train:
+            steps, values = zip(*train)
+            tau = smoothing_time_constant(len(values))
+            ax.plot(steps, values, color="C0", alpha=0.3, linewidth=1, label="train")
+            ax.plot(steps, ema(values, ema_weight(tau)), color="C0", linewidth=2, label=f"train, EMA (tau {tau:.3g})")
+        if evals:
+            ax.plot(*zip(*evals), "o-", color="C1", label="held out")
+        ax.set_xlabel("step")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return True

@@ -88,15 +88,17 @@ class Progress:
         mode = resolve_progress(enabled, bar, sys.stderr.isatty(), jax.process_index())
         return cls(total, start, mode)
 
-    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
-        """Moves to ``step`` (the number of steps done) showing ``loss`` and ``tokens_per_s``."""
+    def update(self, step: int, loss: float, tokens_per_s: float, extra: str = "") -> None:
+        """Moves to ``step`` (the number of steps done) showing ``loss``, ``extra`` (e.g. "acc 0.75") and ``tokens_per_s``."""
+        more = f" | {extra}" if extra else ""
         if self.mode == "bar":
-            self.bar.set_postfix_str(f"loss {loss:.4f} | {tokens_per_s:,.0f} tok/s | {device_memory()}", refresh=False)
+            self.bar.set_postfix_str(f"loss {loss:.4f}{more} | {tokens_per_s:,.0f} tok/s | {device_memory()}",
+                                     refresh=False)
             self.bar.update(step - self.bar.n)
         elif self.mode == "lines":
             done = step - self.start
             eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.total - step)
-            print(f"step {step}/{self.total} | loss {loss:.4f} | {tokens_per_s:,.0f} tok/s | "
+            print(f"step {step}/{self.total} | loss {loss:.4f}{more} | {tokens_per_s:,.0f} tok/s | "
                   f"ETA {_fmt_time(eta)} | {device_memory()}", file=self.stream, flush=True)
 
     def close(self) -> None:

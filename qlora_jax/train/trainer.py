@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 log = logging.getLogger("qlora_jax.train")
+PROGRESS_EXTRAS = (("rewards/accuracies", "acc"), ("rewards/margins", "margin"))  # a preference run's, shown
 
 
 class TrainState(NamedTuple):
@@ -110,7 +111,8 @@ class Trainer:
             if done % self.log_every == 0 or not finite or done == self.total:
                 self.metrics.write(step=done, loss=loss, grad_norm=grad_norm, lr=float(self.lr_at(step)),
                                    target_tokens=tokens, tokens_per_s=n_tokens / dt, seconds=dt, finite=finite, **row)
-                self.progress.update(done, loss, n_tokens / dt)
+                extra = " | ".join(f"{short} {row[name]:.3f}" for name, short in PROGRESS_EXTRAS if name in row)
+                self.progress.update(done, loss, n_tokens / dt, extra)
             if not finite:
                 log.warning("step %d: non-finite loss or gradient (loss=%s); update skipped (%d in a row)", done,
                             loss, bad)

@@ -33,7 +33,7 @@ def LoraSection(**kw) -> LoraConfig:  # noqa: N802 - the trainer's lora section:
     return dataclasses.replace(DEFAULT_LORA, **kw)
 SPEC_DEFAULTS = {
     "model": {"path": "", "dtype": "auto", "remat": "none", "backend": "auto", "attention": "auto", "loss_chunk": 0,
-              "mlp_tile": 0, "residual_dtype": "compute"},
+              "adapter": "", "mlp_tile": 0, "residual_dtype": "compute"},
     "quant": {"quant_type": "nf4", "blocksize": 64, "double_quant": True, "enabled": True},
     "lora": {"rank": 16, "alpha": 32.0, "dropout": 0.05, "use_rslora": False, "targets": ALL, "use_dora": False,
              "fp32_output": False},
@@ -43,7 +43,8 @@ SPEC_DEFAULTS = {
               "max_grad_norm": 0.3, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "state_bits": 32,
               "offload": False, "offload_per_layer": False, "lora_plus_ratio": 1.0},
     "loop": {"steps": 40, "epochs": 0.0, "batch_size": 4, "grad_accum": 1, "eval_every": 20, "eval_batches": 4,
-             "seed": 0, "max_bad_steps": 5, "sample_prompt": "What is the capital of France?", "sample_tokens": 40},
+             "seed": 0, "max_bad_steps": 5, "sample_prompt": "What is the capital of France?", "sample_tokens": 40,
+             "objective": "sft", "beta": 0.1, "dpo_loss": "sigmoid", "label_smoothing": 0.0},
     "checkpoint": {"every": 20, "keep": 2, "resume": False},
     "output": {"dir": "runs/default", "log_every": 1, "progress": True, "progress_bar": "auto", "tensorboard": True,
                "wandb": False, "wandb_project": "qlora-jax", "plot": True, "export_peft": True, "export_merged": False,
@@ -242,6 +243,10 @@ BAD = [  # (flags, the dotted path the message must name)
     ({"mesh.process_id": "-2"}, "mesh.process_id"),
     ({"mesh.timeout_s": "0"}, "mesh.timeout_s"),
     ({"data.streams": "-1"}, "data.streams"),
+    ({"loop.objective": "kto"}, "loop.objective"),
+    ({"loop.beta": "0"}, "loop.beta"),
+    ({"loop.dpo_loss": "hinge"}, "loop.dpo_loss"),
+    ({"loop.label_smoothing": "0.5"}, "loop.label_smoothing"),
 ]
 
 

@@ -21,7 +21,7 @@ class Rows:
 
 class Quiet:
     def update(self, *a):
-        pass
+        self.last = a
 
 
 def _step(losses):
