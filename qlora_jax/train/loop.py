@@ -206,76 +206,25 @@ def run(config: TrainConfig, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
     t_start = time.perf_counter()
     initialize_distributed(config.mesh.coordinator, config.mesh.num_processes, config.mesh.process_id,
                            config.mesh.timeout_s)
-    main = is_main_process()
     out = _setup_output(config)
     log_devices(log)
-    loop, platform = config.loop, jax.default_backend()
-    dtype = jnp.dtype(config.model.compute_dtype(platform))
-    model_path = config.model.path or default_model_path()
-    key = jax.random.key(loop.seed)
-    model, variables, tokenizer = from_pretrained(model_path, quantization=config.quant.to_quant_config(),
-                                                  lora=config.lora, dtype=dtype, key=key, remat=config.model.remat,
-                                                  attention=config.model.attention, mlp_tile=config.model.mlp_tile,
-                                                  residual_dtype=jnp.dtype(config.model.residual(platform)),
-                                                  adapter=config.model.adapter or None)
-    if tokenizer is None:
-        raise ValueError(f"model.path={model_path} has no tokenizer (tokenizer.json or GGUF tokenizer fields)")
-    if config.output.export_gguf:
-        gguf_architecture(model.config)  # a family the GGUF writer does not cover fails now, not after training
-    model = model.clone(backend=config.model.backend)
-    log.info("model %s on %s (%s): %s", model_path, platform, dtype.name, trainable_summary(variables))
-
-    mesh = make_mesh(*config.mesh.mesh_shape(jax.device_count()))
-    n_dev = mesh.devices.size
-    if loop.batch_size % n_dev:
-        raise ValueError(f"loop.batch_size={loop.batch_size} must be a multiple of the {n_dev} devices of the mesh")
-    if jax.process_count() > 1 and n_dev != jax.device_count():
-        raise ValueError(f"mesh.data x mesh.fsdp = {n_dev} devices: with several processes the mesh must span all "
-                         f"{jax.device_count()} devices")
-    b_sh = batch_sharding(mesh)
-    pad_id = tokenizer.eos_id or 0
-    seq = config.data.seq_len
-    if loop.objective == "sft":
-        layout = StreamLayout.for_rows(config.data.streams or jax.process_count(), loop.batch_size,
-                                       process_rows(b_sh, loop.batch_size))
-        if layout.num_streams > 1 and config.data.max_train_records:
-            raise ValueError(f"data.max_train_records={config.data.max_train_records} needs a single data stream "
-                             f"(data.streams is {layout.num_streams}): cut the file instead")
-        data = load_data(config.data.train_path or default_train_path(out), tokenizer,
-                         eval_path=config.data.eval_path or None,
-                         eval_fraction=0.0 if config.data.eval_path else config.data.eval_fraction,
-                         seed=loop.seed, max_len=config.data.seq_len,
-                         max_train_records=config.data.max_train_records or None,
-                         columns=parse_columns(config.data.columns), instruction_format=config.data.instruction_format,
-                         keep=layout.keeps if layout.num_streams > 1 else None)
-        train_iter = StreamedBatches(data, layout, seq, pack=config.data.packing, pad_id=pad_id)
-        n_train = int(allgather_ints(train_iter.sequences_per_epoch()).sum())
-        evaluating = loop.eval_every > 0 and data.num_eval_records > 0
-        held = eval_batches(data, layout, loop.eval_batches, seq, pack=config.data.packing,
-                            pad_id=pad_id) if evaluating else None
-        rows = loop.batch_size
-    else:
-        if jax.process_count() > 1:
-            raise ValueError(f"loop.objective={loop.objective} runs on one process (with any number of devices) for "
-                             "now: its pairs are not yet split over processes")
-        train_iter, held, n_train = _preference_data(config, tokenizer, out, pad_id)
-        evaluating, rows = held is not None, 2 * loop.batch_size  # a pair is two rows: chosen, rejected
+    loop, key = config.loop, jax.random.key(config.loop.seed)
+    model, variables, tokenizer, model_path = _load_model(config, key)
+    mesh = _make_mesh(config)
+    b_sh, rep = batch_sharding(mesh), NamedSharding(mesh, P())
+    train_iter, held, n_train, rows = _train_data(config, tokenizer, out, b_sh)
     total = loop.num_steps(n_train) if loop.epochs else loop.steps
-    eval_batch = global_batch(b_sh, _stack(held), rows) if evaluating else None
+
     params, frozen = split_trainable(variables)
     params, frozen = shard_tree(mesh, params), shard_tree(mesh, frozen)
     tx = make_optimizer(config.optim, total, skip_nonfinite=True)
     opt_state = tx.init(params)
     if not config.optim.offload:
         opt_state = place_like(opt_state, params, "device")
-    schedule = make_schedule(config.optim, total)
-
-    rep = NamedSharding(mesh, P())
     p_sh, s_sh, f_sh = host_shardings(params), host_shardings(opt_state), host_shardings(frozen)
     step_fn, eval_fn = _steps(config, model, tx)
     train_step = jax.jit(step_fn, in_shardings=(p_sh, s_sh, f_sh, b_sh, rep), out_shardings=(p_sh, s_sh, rep),
                          donate_argnums=(0, 1))
-    eval_step = jax.jit(eval_fn, in_shardings=(p_sh, f_sh, b_sh), out_shardings=rep)
 
     ckpt = RunCheckpointer(os.path.join(out, "checkpoints"), config.checkpoint.every, config.checkpoint.keep)
     state = TrainState(0, params, opt_state, key)
@@ -288,13 +237,13 @@ def run(config: TrainConfig, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
             train_iter.restore(data_state)
             state = TrainState(latest, params, opt_state, key)
             log.info("resumed from step %d (%s)", latest, ckpt.directory)
-    start = state.step
+    start, main = state.step, is_main_process()
     # a fresh run (start 0) drops every earlier row, its step-0 eval included; a resumed one keeps rows up to start
     metrics = Fanout(*([MetricsLog(os.path.join(out, "metrics.jsonl"), truncate_after_step=start if start else -1)]
                        if main else []), *make_sinks(config.output, out, start, config.to_dict()))
-    summary: dict[str, Any] = {"model": model_path, "steps": total, "start_step": start, "devices": n_dev,
-                               "processes": jax.process_count(), "process": jax.process_index(), "platform": platform,
-                               "fsdp_sharded_leaves": _count_sharded(params, frozen),
+    summary: dict[str, Any] = {"model": model_path, "steps": total, "start_step": start, "devices": mesh.devices.size,
+                               "processes": jax.process_count(), "process": jax.process_index(),
+                               "platform": jax.default_backend(), "fsdp_sharded_leaves": _count_sharded(params, frozen),
                                "trainable": trainable_summary(variables)}
 
     def batches():
@@ -302,40 +251,17 @@ def run(config: TrainConfig, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
             yield global_batch(b_sh, _stack([next(train_iter) for _ in range(loop.grad_accum)]), rows)
 
     progress = Progress.for_run(total, start, config.output.progress, config.output.progress_bar)
+    context = {"model": model, "frozen": frozen, "tokenizer": tokenizer, "config": config, "output_dir": out,
+               "mesh": mesh, "summary": summary, "model_path": model_path, "checkpointer": ckpt, "data": train_iter,
+               "eval_step": jax.jit(eval_fn, in_shardings=(p_sh, f_sh, b_sh), out_shardings=rep),
+               "eval_batch": None if held is None else global_batch(b_sh, _stack(held), rows)}
+    schedule = make_schedule(config.optim, total)
     trainer = Trainer(lambda p, s, b, r: train_step(p, s, frozen, b, r), batches(), total, metrics=metrics,
                       progress=progress, lr_at=lambda step: float(schedule(step)), log_every=config.output.log_every,
-                      max_bad_steps=loop.max_bad_steps, checkpoint_dir=ckpt.directory,
-                      context={"model": model, "frozen": frozen, "tokenizer": tokenizer, "config": config,
-                               "output_dir": out, "mesh": mesh, "summary": summary})
-    if evaluating:
-        def eval_hook(trainer: Trainer, state: TrainState) -> None:
-            row = _eval_row(eval_step(state.params, frozen, eval_batch))
-            trainer.metrics.write(step=state.step, **row)
-            extra = (f"perplexity {row['eval_ppl']:.2f}" if "eval_ppl" in row else
-                     f"reward accuracy {row.get('eval_rewards/accuracies', float('nan')):.3f}, margin "
-                     f"{row.get('eval_rewards/margins', float('nan')):.4f}")
-            log.info("step %d: held-out loss %.4f (%s)", state.step, row["eval_loss"], extra)
-
-        trainer.add_hook("eval", eval_hook, loop.eval_every, at_start=True, at_end=True)
-    if config.checkpoint.every:
-        def checkpoint_hook(trainer: Trainer, state: TrainState) -> None:
-            data_state = global_state(allgather_ints(train_iter.local_state()))  # a collective: every process
-            if ckpt.latest_step() != state.step:
-                ckpt.save(state.step, state.params, state.opt_state, data_state, state.key)
-
-        trainer.add_hook("checkpoint", checkpoint_hook, config.checkpoint.every, at_end=True)
-    if loop.sample_prompt and loop.sample_tokens > 0:
-        def sample_hook(trainer: Trainer, state: TrainState) -> None:
-            after = state.step == trainer.total
-            summary["sample_after" if after else "sample_before"] = _sample(model, state.params, frozen, tokenizer,
-                                                                            loop, after=after)
-
-        trainer.add_hook("sample", sample_hook, at_start=True, at_end=True)
-    trainer.add_hook("export", lambda trainer, state: _export(config, out, model, state.params, frozen, tokenizer,
-                                                               model_path, main), at_end=True)
-    trainer.hooks.extend(hooks)
+                      max_bad_steps=loop.max_bad_steps, checkpoint_dir=ckpt.directory, context=context)
+    trainer.hooks.extend([*builtin_hooks(config, evaluating=held is not None), *hooks])
     try:
-        state = trainer.train(state)
+        trainer.train(state)
     finally:
         progress.close()
         ckpt.close()
@@ -343,13 +269,126 @@ def run(config: TrainConfig, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
 
     summary.update(tokens_per_s=trainer.tokens_per_s, seconds=time.perf_counter() - t_start)
     if main:
-        if config.output.plot:
-            plot_losses(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
-            plot_rewards(os.path.join(out, "metrics.jsonl"), os.path.join(out, "rewards.png"))
-        summary.update(_loss_summary(os.path.join(out, "metrics.jsonl")))
-        with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+        _write_reports(config, out, summary)
     return summary
+
+
+def _load_model(config: TrainConfig, key: jax.Array):
+    """``(model, variables, tokenizer, model path)``: the 4-bit base with LoRA (or the starting adapter)."""
+    platform = jax.default_backend()
+    dtype = jnp.dtype(config.model.compute_dtype(platform))
+    model_path = config.model.path or default_model_path()
+    model, variables, tokenizer = from_pretrained(model_path, quantization=config.quant.to_quant_config(),
+                                                  lora=config.lora, dtype=dtype, key=key, remat=config.model.remat,
+                                                  attention=config.model.attention, mlp_tile=config.model.mlp_tile,
+                                                  residual_dtype=jnp.dtype(config.model.residual(platform)),
+                                                  adapter=config.model.adapter or None)
+    if tokenizer is None:
+        raise ValueError(f"model.path={model_path} has no tokenizer (tokenizer.json or GGUF tokenizer fields)")
+    if config.output.export_gguf:
+        gguf_architecture(model.config)  # a family the GGUF writer does not cover fails now, not after training
+    model = model.clone(backend=config.model.backend)
+    log.info("model %s on %s (%s): %s", model_path, platform, dtype.name, trainable_summary(variables))
+    return model, variables, tokenizer, model_path
+
+
+def _make_mesh(config: TrainConfig):
+    """The ``(data, fsdp)`` mesh of ``config.mesh``, checked against the batch and the processes."""
+    mesh = make_mesh(*config.mesh.mesh_shape(jax.device_count()))
+    n_dev = mesh.devices.size
+    if config.loop.batch_size % n_dev:
+        raise ValueError(f"loop.batch_size={config.loop.batch_size} must be a multiple of the {n_dev} devices of "
+                         "the mesh")
+    if jax.process_count() > 1 and n_dev != jax.device_count():
+        raise ValueError(f"mesh.data x mesh.fsdp = {n_dev} devices: with several processes the mesh must span all "
+                         f"{jax.device_count()} devices")
+    return mesh
+
+
+def _train_data(config: TrainConfig, tokenizer, out: str, b_sh):
+    """``(batches, held-out batches or None, training sequences or pairs, rows per micro-batch)`` of this process."""
+    loop, data_cfg, seq = config.loop, config.data, config.data.seq_len
+    pad_id = tokenizer.eos_id or 0
+    if loop.objective != "sft":
+        if jax.process_count() > 1:
+            raise ValueError(f"loop.objective={loop.objective} runs on one process (with any number of devices) for "
+                             "now: its pairs are not yet split over processes")
+        batches, held, n_train = _preference_data(config, tokenizer, out, pad_id)
+        return batches, held, n_train, 2 * loop.batch_size  # a pair is two rows: chosen, rejected
+    layout = StreamLayout.for_rows(data_cfg.streams or jax.process_count(), loop.batch_size,
+                                   process_rows(b_sh, loop.batch_size))
+    if layout.num_streams > 1 and data_cfg.max_train_records:
+        raise ValueError(f"data.max_train_records={data_cfg.max_train_records} needs a single data stream "
+                         f"(data.streams is {layout.num_streams}): cut the file instead")
+    data = load_data(data_cfg.train_path or default_train_path(out), tokenizer, eval_path=data_cfg.eval_path or None,
+                     eval_fraction=0.0 if data_cfg.eval_path else data_cfg.eval_fraction, seed=loop.seed,
+                     max_len=seq, max_train_records=data_cfg.max_train_records or None,
+                     columns=parse_columns(data_cfg.columns), instruction_format=data_cfg.instruction_format,
+                     keep=layout.keeps if layout.num_streams > 1 else None)
+    batches = StreamedBatches(data, layout, seq, pack=data_cfg.packing, pad_id=pad_id)
+    n_train = int(allgather_ints(batches.sequences_per_epoch()).sum())
+    evaluating = loop.eval_every > 0 and data.num_eval_records > 0
+    held = eval_batches(data, layout, loop.eval_batches, seq, pack=data_cfg.packing,
+                        pad_id=pad_id) if evaluating else None
+    return batches, held, n_train, loop.batch_size
+
+
+def builtin_hooks(config: TrainConfig, evaluating: bool) -> list[Hook]:
+    """The run's own hooks, in order: held-out evaluation, checkpoints, samples, exports."""
+    loop, hooks = config.loop, []
+    if evaluating:
+        hooks.append(Hook("eval", eval_hook, loop.eval_every, at_start=True, at_end=True))
+    if config.checkpoint.every:
+        hooks.append(Hook("checkpoint", checkpoint_hook, config.checkpoint.every, at_end=True))
+    if loop.sample_prompt and loop.sample_tokens > 0:
+        hooks.append(Hook("sample", sample_hook, at_start=True, at_end=True))
+    hooks.append(Hook("export", export_hook, at_end=True))
+    return hooks
+
+
+def eval_hook(trainer: Trainer, state: TrainState) -> None:
+    """The held-out loss (and perplexity, or the preference metrics) into the metrics and the log."""
+    ctx = trainer.context
+    row = _eval_row(ctx["eval_step"](state.params, ctx["frozen"], ctx["eval_batch"]))
+    trainer.metrics.write(step=state.step, **row)
+    extra = (f"perplexity {row['eval_ppl']:.2f}" if "eval_ppl" in row else
+             f"reward accuracy {row.get('eval_rewards/accuracies', float('nan')):.3f}, margin "
+             f"{row.get('eval_rewards/margins', float('nan')):.4f}")
+    log.info("step %d: held-out loss %.4f (%s)", state.step, row["eval_loss"], extra)
+
+
+def checkpoint_hook(trainer: Trainer, state: TrainState) -> None:
+    """An Orbax checkpoint of ``state`` and the global data position (unless this step is saved already)."""
+    ctx = trainer.context
+    data_state = global_state(allgather_ints(ctx["data"].local_state()))  # a collective: every process
+    if ctx["checkpointer"].latest_step() != state.step:
+        ctx["checkpointer"].save(state.step, state.params, state.opt_state, data_state, state.key)
+
+
+def sample_hook(trainer: Trainer, state: TrainState) -> None:
+    """The sample answer before training (step 0) or after it, into the summary."""
+    ctx = trainer.context
+    after = state.step == trainer.total
+    ctx["summary"]["sample_after" if after else "sample_before"] = _sample(
+        ctx["model"], state.params, ctx["frozen"], ctx["tokenizer"], ctx["config"].loop, after=after)
+
+
+def export_hook(trainer: Trainer, state: TrainState) -> None:
+    """The exports ``output.export_*`` ask for (``_export``)."""
+    ctx = trainer.context
+    _export(ctx["config"], ctx["output_dir"], ctx["model"], state.params, ctx["frozen"], ctx["tokenizer"],
+            ctx["model_path"], is_main_process())
+
+
+def _write_reports(config: TrainConfig, out: str, summary: dict[str, Any]) -> None:
+    """``loss.png`` (and ``rewards.png``) and ``summary.json``, with the losses read back from ``metrics.jsonl``."""
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    if config.output.plot:
+        plot_losses(metrics_path, os.path.join(out, "loss.png"))
+        plot_rewards(metrics_path, os.path.join(out, "rewards.png"))
+    summary.update(_loss_summary(metrics_path))
+    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
 
 
 def _count_sharded(*trees) -> int:
