@@ -188,7 +188,7 @@ def _eval_row(out: dict) -> dict[str, float]:
     if "total_nll" in out:
         loss = float(out["total_nll"]) / max(float(out["count"]), 1.0)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-    return {f"eval_{'loss' if k == 'loss' else k}": float(v) for k, v in out.items() if k not in ("tokens", "finite")}
+    return {f"eval_{k}": float(v) for k, v in out.items() if k not in ("tokens", "finite")}
 
 
 def sample(model, variables, tokenizer, prompt: str, max_tokens: int) -> str:

@@ -89,9 +89,14 @@ class PairBatches:
             raise ValueError(f"no preference pairs to batch from {pairs.path}")
         self.num_pairs, self.seq_len, self.seed, self.pad_id, self.shuffle = num_pairs, seq_len, seed, pad_id, shuffle
         self.epoch, self.cursor = 0, 0
+        self._order_epoch, self._order = -1, self.ids
 
     def order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.ids) if self.shuffle else self.ids
+        """The pair indices of epoch ``epoch``, in visiting order (computed once per epoch)."""
+        if epoch != self._order_epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.ids) if self.shuffle else self.ids
+            self._order_epoch = epoch
+        return self._order
 
     def __iter__(self) -> PairBatches:
         return self

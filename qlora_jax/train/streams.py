@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from qlora_jax.train.data import Batch, BatchIterator, TrainData
+from qlora_jax.train.data import Batch, BatchIterator, TrainData, make_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,9 +123,7 @@ def eval_batches(data: TrainData, layout: StreamLayout, n: int, seq_len: int, *,
         return data.eval_batches(n, layout.rows_per_stream, seq_len, pack=pack, pad_id=pad_id)
     if n < 1:
         raise ValueError(f"{n=} must be >= 1")
-    empty = Batch(*(np.zeros((layout.rows_per_stream, seq_len), dt) for dt in
-                    (np.int32, np.int32, np.float32, np.int32, np.int32)))
-    empty = empty._replace(tokens=empty.tokens + pad_id, targets=empty.targets + pad_id)
+    empty, _ = make_batch([], layout.rows_per_stream, seq_len, pad_id=pad_id)  # all padding
     per_stream = []
     for s in layout.local:
         ids = layout.stream_ids(data.eval.positions, data.eval_ids, s)
